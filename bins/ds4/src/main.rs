@@ -5,6 +5,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod convert;
 mod inspect;
 
 /// DeepSeek V4 Flash inference engine (ds4-rs).
@@ -19,12 +20,15 @@ struct Cli {
 enum Command {
     /// Print a GGUF file's metadata and tensor table, or dump one tensor as .npy.
     Inspect(inspect::InspectArgs),
+    /// Convert a Hugging Face checkpoint directory into a ds4 GGUF file (f16/q8/q4/q2).
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,9 +1,39 @@
 //! Session state snapshots and the crash-safe, space-capped disk KV cache.
 //!
-//! This crate owns the on-disk format of saved sessions (magic, version, checksums, model
-//! identity), the in-memory index of stored prefixes and the eviction policy. It knows the
-//! model's state layout through `ds4-model` and nothing of HTTP.
+//! A long prompt costs minutes of prefill; a saved state brings it back in a second. This
+//! crate stores states in a directory keyed by the SHA-1 of the rendered text they
+//! represent, finds the longest stored prefix of a new prompt, and decides (as ds4-server
+//! does) when to save and what to evict. Unlike ds4 (KVCACHE.md s11) every file is
+//! checksummed and tagged with the model's identity, saves are atomic and durable
+//! (temp file, fsync, rename, directory fsync), the space budget is a hard cap that
+//! includes files being written, and several processes can share one directory.
 //!
-//! Status: not implemented yet (the KV cache issue).
+//! The crate knows nothing of HTTP, of tokenization or of when a request starts: the server
+//! calls the pure [`policy`] functions at its save moments and hands snapshots to the
+//! [`writer`]. It sees the model's state only as named byte sections ([`payload`]), with one
+//! impl for `ds4_model::SessionState` ([`session`]).
+//!
+//! Modules, in reading order:
+//! * [`payload`]: the state as named byte sections;
+//! * [`format`]: the versioned file format (docs/KVCACHE_FORMAT.md);
+//! * [`policy`]: ds4's save moments, lengths and eviction score, as pure functions;
+//! * [`store`]: the directory, its index, lookup, load, save and eviction;
+//! * [`writer`]: the background save thread;
+//! * [`session`]: `SessionState` as a payload.
 
 #![warn(missing_docs)]
+
+pub mod error;
+pub mod payload;
+pub mod format;
+pub mod policy;
+pub mod store;
+pub mod writer;
+pub mod session;
+
+pub use error::{Error, Result};
+pub use format::{ModelIdentity, SaveReason};
+pub use payload::{FromSections, OwnedSection, Payload, Section, Sections};
+pub use policy::{Frontier, Policy};
+pub use store::{EntryInfo, Hit, Key, Loaded, SaveOutcome, SaveRequest, Store, StoreConfig, key_of};
+pub use writer::{SaveJob, Ticket, Writer};

@@ -6,6 +6,46 @@
 //! `ds4-tensor`. Its public API is deliberately small so other Rust programs can embed it:
 //! load a model, open a session, feed tokens, read logits.
 //!
-//! Status: being built (the model issue).
+//! It deliberately knows nothing about devices beyond the trait (the CUDA and Metal crates
+//! implement it), nor about HTTP or session files (`ds4-api`, `ds4-kvcache`).
+//!
+//! Modules, in reading order:
+//! - [`config`]: the model shape from GGUF metadata or `config.json`, validated once;
+//! - [`weights`]: every tensor bound by its GGUF name; [`checkpoint`] and [`gguf`] feed it;
+//! - [`numerics`]: RoPE/YaRN frequencies, FP8/FP4 simulation, Hadamard, top-k;
+//! - [`state`]: per-layer decoding state (raw ring, compressor frontiers, compressed rows);
+//! - [`forward`]: the forward pass, once, against `ds4_tensor::backend::Backend`;
+//! - [`cpu`]: the CPU backend (the correctness oracle);
+//! - [`session`]: [`Model`] and [`Session`], the public engine boundary.
+//!
+//! ```no_run
+//! use ds4_model::{LoadOptions, Model, Session};
+//! let model = Model::load("tiny/".as_ref(), &LoadOptions::default())?;
+//! let mut session = Session::new(&model, 4096);
+//! session.feed(&[0, 42, 7])?;
+//! let next = session.logits()?;
+//! # Ok::<(), ds4_model::Error>(())
+//! ```
 
 #![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod cpu;
+pub mod error;
+pub mod forward;
+pub mod gguf;
+pub mod numerics;
+pub mod session;
+pub mod state;
+pub mod weights;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use session::{LoadOptions, Model, Session, SessionState};
+
+pub mod chat;
+pub mod dsml;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,11 +1,20 @@
-//! The place of the one `Backend` trait of model-level operations.
+//! The one `Backend` trait of model-level operations, and the device identifier.
 //!
-//! The trait (matvec on any block format, norms, RoPE, hyper-connection mixing, compressor
-//! step, indexer top-k, attention over raw and compressed rows, MoE dispatch, SwiGLU) is
-//! designed together with the forward pass in `ds4-model` and lands here, in the lowest
-//! crate, so that `ds4-backend-cuda` and `ds4-backend-metal` can implement it without seeing
-//! the model. Until then this module only holds the device identifier that the CLI's
-//! `--backend` flag parses.
+//! `ds4-model` writes the DeepSeek V4 forward pass once against [`Backend`]; the CPU
+//! implementation lives in `ds4-model` (module `cpu`) and is the correctness oracle, the CUDA
+//! and Metal crates implement the same trait without seeing the model (the role `ds4_gpu.h`
+//! plays for antirez/ds4). The operations are deliberately model-level (a whole RMSNorm, a
+//! whole hyper-connection mix, attention of one query over its visible rows with sinks) rather
+//! than tensor algebra: that is the granularity at which a GPU backend fuses kernels.
+//!
+//! Buffers are host `f32` slices for now; shape comments are row-major, outermost first.
+//! Weights are [`HostTensor`]s in any block format, addressed by a range of rows so that one
+//! call covers a plain matrix, one expert slab of a stacked `[E, out, in]` tensor, or one
+//! output group of `attn_output_a`.
+
+use std::ops::Range;
+
+use crate::{DType, HostTensor};
 
 /// Which compute device a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,7 +35,161 @@ impl std::str::FromStr for Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda),
             "metal" => Ok(Device::Metal),
-            other => Err(format!("unknown backend {other:?}: expected cpu, cuda or metal")),
+            other => Err(format!(
+                "unknown backend {other:?}: expected cpu, cuda or metal"
+            )),
         }
     }
+}
+
+/// Errors a backend reports; drivers' errors are converted into these at the crate edge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend has no kernel for this block format.
+    #[error("tensor {name}: backend has no matvec for {dtype:?}")]
+    UnsupportedDType {
+        /// The tensor name.
+        name: String,
+        /// Its block format.
+        dtype: DType,
+    },
+    /// Operand sizes do not fit the weight.
+    #[error("tensor {name}: {what}")]
+    Shape {
+        /// The tensor name.
+        name: String,
+        /// What does not fit.
+        what: String,
+    },
+    /// A device or driver failure.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// Result with [`BackendError`].
+pub type BackendResult<T> = std::result::Result<T, BackendError>;
+
+/// Hyper-connection weights of one sublayer (`hc_attn_*` or `hc_ffn_*`), MODEL.md s3.4.
+#[derive(Debug, Clone, Copy)]
+pub struct HcParams<'a> {
+    /// `hc_*_fn`: `[(2+nhc)*nhc, nhc*d]`.
+    pub fn_weight: &'a HostTensor,
+    /// `hc_*_scale`: `[3]`.
+    pub scale: &'a [f32],
+    /// `hc_*_base`: `[(2+nhc)*nhc]`.
+    pub base: &'a [f32],
+    /// Number of streams `nhc`.
+    pub n_hc: usize,
+    /// Sinkhorn-Knopp iterations `T`.
+    pub n_sinkhorn_iter: usize,
+    /// `hc_eps`.
+    pub hc_eps: f32,
+    /// `rms_norm_eps` (the flatten norm uses it, not `hc_eps`).
+    pub rms_eps: f32,
+}
+
+/// The model-level operations the forward pass needs.
+///
+/// Every method is pure with respect to the backend (no hidden state): caches belong to the
+/// session in `ds4-model`.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// The device this backend drives.
+    fn device(&self) -> Device;
+
+    /// `y[t][o] = sum_i W[rows.start + o][i] * x[t][i]` for `t < n_tokens`: rows `rows` of
+    /// the weight (a 2-D view `[n_rows_total, ne0]` of any tensor) times a batch of vectors.
+    /// `x` is `[n_tokens, ne0]`, `y` is `[n_tokens, rows.len()]`. Accumulates in f32.
+    fn matmul(
+        &self,
+        w: &HostTensor,
+        rows: Range<usize>,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> BackendResult<()>;
+
+    /// Row `row` of a weight (an embedding lookup), converted to f32 in `out` (`ne0` values).
+    fn get_row(&self, w: &HostTensor, row: usize, out: &mut [f32]) -> BackendResult<()>;
+
+    /// In-place RMSNorm of each `n`-wide row of `x`: `x * (1/sqrt(mean(x^2) + eps)) * w`
+    /// (no weight when `w` is `None`).
+    fn rms_norm(&self, x: &mut [f32], n: usize, w: Option<&[f32]>, eps: f32);
+
+    /// Interleaved RoPE on the last `2 * freqs.len()` entries of each `n`-wide row of `x`,
+    /// angle `pos * freqs[i]` (f32), or its inverse (`-angle`).
+    fn rope_tail(&self, x: &mut [f32], n: usize, freqs: &[f32], pos: u32, inverse: bool);
+
+    /// HC pre for one token: from the state `[nhc, d]` returns the mixed input `x` `[d]`
+    /// (written to `x`), `post` `[nhc]` and the Sinkhorn-normalised `comb` `[nhc, nhc]`.
+    fn hc_pre(
+        &self,
+        p: &HcParams<'_>,
+        state: &[f32],
+        x: &mut [f32],
+        post: &mut [f32],
+        comb: &mut [f32],
+    ) -> BackendResult<()>;
+
+    /// HC post for one token: `state[j] = post[j] * o + sum_i comb[i][j] * old_state[i]`.
+    fn hc_post(&self, state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], n_hc: usize);
+
+    /// Attention of one query (`[n_head, head_dim]`) over shared K=V rows with per-head sink
+    /// logits: `out_h = sum_u softmax_u(q_h . k_u * scale ; sink_h) k_u`.
+    fn attention(&self, q: &[f32], rows: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]);
+
+    /// Lightning-indexer scores of one query over compressed indexer rows (MODEL.md s3.8):
+    /// `scores[b] = sum_h weights[h] * relu(q_h . rows[b])`, `q` `[n_head, head_dim]`,
+    /// `weights` `[n_head]` (scale already folded in), `rows` `[n_rows, head_dim]`.
+    fn indexer_scores(&self, q: &[f32], weights: &[f32], rows: &[f32], scores: &mut [f32]);
+
+    /// Routed experts of a chunk (MODEL.md s3.11): for every expert `e`, the tokens routed to
+    /// it are `routes[e]` as `(token, route_weight)` pairs (one pair per selection slot), and
+    /// `y[t] += W2[e] @ (route_weight * SwiGLU(W1[e] @ x[t], W3[e] @ x[t]))`.
+    ///
+    /// `gate_exps`/`up_exps` are `[E, F, d]`, `down_exps` `[E, d, F]`, `x` and `y` `[n, d]`.
+    /// Each token's sum runs in ascending expert order whatever the chunk, so decode and
+    /// prefill add the same numbers in the same order. The provided body composes
+    /// [`Backend::matmul`] and [`Backend::swiglu`]; a GPU backend overrides it with a fused
+    /// kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_routed(
+        &self,
+        gate_exps: &HostTensor,
+        up_exps: &HostTensor,
+        down_exps: &HostTensor,
+        routes: &[Vec<(usize, f32)>],
+        clamp: f32,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> BackendResult<()> {
+        let d = gate_exps.shape.ne(0) as usize;
+        let f = gate_exps.shape.ne(1) as usize;
+        for (e, route) in routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            let m = route.len();
+            let mut xe = vec![0.0f32; m * d];
+            for (i, &(t, _)) in route.iter().enumerate() {
+                xe[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            let (mut g, mut u) = (vec![0.0f32; m * f], vec![0.0f32; m * f]);
+            self.matmul(gate_exps, e * f..(e + 1) * f, &xe, m, &mut g)?;
+            self.matmul(up_exps, e * f..(e + 1) * f, &xe, m, &mut u)?;
+            for (i, &(_, w)) in route.iter().enumerate() {
+                // The route weight multiplies before the down projection (MODEL.md D5).
+                self.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
+            }
+            let mut ye = vec![0.0f32; m * d];
+            self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
+            for (i, &(t, _)) in route.iter().enumerate() {
+                y[t * d..(t + 1) * d]
+                    .iter_mut()
+                    .zip(&ye[i * d..(i + 1) * d])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    }
+
+    /// `gate <- silu(min(gate, c)) * clamp(up, -c, c) * weight` (no clamp when `c <= 1e-6`).
+    fn swiglu(&self, gate: &mut [f32], up: &[f32], clamp: f32, weight: f32);
 }

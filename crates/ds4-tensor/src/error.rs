@@ -10,6 +10,48 @@ pub enum Error {
         /// What is wrong, naming the key, tensor or offset.
         what: String,
     },
+    /// The file does not start with `"GGUF"`.
+    #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
+    BadMagic {
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+    /// The GGUF version is not one this reader supports.
+    #[error("unsupported GGUF version {version:#x}: {why}")]
+    UnsupportedVersion {
+        /// The version field as read (little-endian).
+        version: u32,
+        /// Why it is refused.
+        why: String,
+    },
+    /// A tensor has a ggml type id this engine does not support (or a removed one).
+    #[error("tensor {tensor}: unsupported ggml type id {id}")]
+    UnknownDType {
+        /// The tensor name.
+        tensor: String,
+        /// The type id.
+        id: u32,
+    },
+    /// A metadata key occurs twice.
+    #[error("metadata key {key}: duplicated")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+    },
+    /// A tensor name occurs twice.
+    #[error("tensor {name}: duplicated")]
+    DuplicateTensor {
+        /// The tensor name.
+        name: String,
+    },
+    /// A metadata value has the right type but an unusable value.
+    #[error("metadata key {key}: {what}")]
+    KeyValue {
+        /// The key.
+        key: String,
+        /// What is wrong with the value.
+        what: String,
+    },
     /// A metadata key is missing.
     #[error("metadata key {key}: missing")]
     MissingKey {

@@ -1,0 +1,312 @@
+//! The CPU implementation of [`Backend`]: plain f32 loops, parallel over rows with rayon.
+//!
+//! It is the correctness oracle for the GPU backends, so every reduction runs in a fixed,
+//! sequential order per output element: a batched `matmul` gives bit-for-bit the same numbers
+//! as token-at-a-time calls, which is what makes chunked prefill and decode agree exactly.
+
+use std::ops::Range;
+
+use ds4_tensor::HostTensor;
+use ds4_tensor::backend::{Backend, BackendError, BackendResult, Device, HcParams};
+use rayon::prelude::*;
+
+/// Work below this many multiply-adds stays on one thread (rayon overhead dominates).
+const PAR_MIN_WORK: usize = 1 << 18;
+
+/// The CPU backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Numerically plain `1/sqrt(mean(x^2) + eps)`, accumulating the sum of squares in f64 as
+/// ds4's CPU reference does (MODEL.md s6).
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt()
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn matmul(
+        &self,
+        w: &HostTensor,
+        rows: Range<usize>,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> BackendResult<()> {
+        let n_in = w.shape.ne(0) as usize;
+        let n_out = rows.len();
+        let shape_err = |what: String| BackendError::Shape {
+            name: w.name.clone(),
+            what,
+        };
+        let row_bytes = w.row_bytes();
+        let n_rows_total = w.data().len() / row_bytes.max(1);
+        if rows.end > n_rows_total {
+            return Err(shape_err(format!("rows {rows:?} out of {n_rows_total}")));
+        }
+        if x.len() != n_tokens * n_in || y.len() != n_tokens * n_out {
+            return Err(shape_err(format!(
+                "x {} / y {} values for {n_tokens} tokens of {n_in} -> {n_out}",
+                x.len(),
+                y.len()
+            )));
+        }
+        let data = &w.data()[rows.start * row_bytes..rows.end * row_bytes];
+        // The only weight x activation product of the CPU path: ds4-quant's kernels compute
+        // every output with one dot call whatever the batch, so batched prefill and decode
+        // give the same bits.
+        ds4_quant::gemv::matmul(w.dtype, data, n_out, n_in, x, y).map_err(|e| match e {
+            ds4_quant::Error::Unsupported { .. } => BackendError::UnsupportedDType {
+                name: w.name.clone(),
+                dtype: w.dtype,
+            },
+            other => shape_err(other.to_string()),
+        })?;
+        Ok(())
+    }
+
+    fn get_row(&self, w: &HostTensor, row: usize, out: &mut [f32]) -> BackendResult<()> {
+        let rb = w.row_bytes();
+        let n_rows = w.data().len() / rb.max(1);
+        if row >= n_rows || out.len() != w.shape.ne(0) as usize {
+            return Err(BackendError::Shape {
+                name: w.name.clone(),
+                what: format!("row {row} of {n_rows}"),
+            });
+        }
+        ds4_quant::row::dequantize(w.dtype, &w.data()[row * rb..(row + 1) * rb], out).map_err(|e| {
+            BackendError::Shape {
+                name: w.name.clone(),
+                what: e.to_string(),
+            }
+        })
+    }
+
+    fn rms_norm(&self, x: &mut [f32], n: usize, w: Option<&[f32]>, eps: f32) {
+        for row in x.chunks_mut(n) {
+            let s = rms_scale(row, eps);
+            match w {
+                Some(w) => row.iter_mut().zip(w).for_each(|(v, &wi)| *v = *v * s * wi),
+                None => row.iter_mut().for_each(|v| *v *= s),
+            }
+        }
+    }
+
+    fn rope_tail(&self, x: &mut [f32], n: usize, freqs: &[f32], pos: u32, inverse: bool) {
+        let n_rot = 2 * freqs.len();
+        let p = pos as f32;
+        for row in x.chunks_mut(n) {
+            let tail = &mut row[n - n_rot..];
+            for (i, &f) in freqs.iter().enumerate() {
+                let phi = p * f;
+                let (s, c) = phi.sin_cos();
+                let s = if inverse { -s } else { s };
+                let (a, b) = (tail[2 * i], tail[2 * i + 1]);
+                tail[2 * i] = a * c - b * s;
+                tail[2 * i + 1] = b * c + a * s;
+            }
+        }
+    }
+
+    fn hc_pre(
+        &self,
+        p: &HcParams<'_>,
+        state: &[f32],
+        x: &mut [f32],
+        post: &mut [f32],
+        comb: &mut [f32],
+    ) -> BackendResult<()> {
+        let m = p.n_hc;
+        let d = state.len() / m;
+        let s = rms_scale(state, p.rms_eps);
+        let u: Vec<f32> = state.iter().map(|v| v * s).collect();
+        let mut mix = vec![0.0f32; (2 + m) * m];
+        self.matmul(p.fn_weight, 0..mix.len(), &u, 1, &mut mix)?;
+        let mut pre = vec![0.0f32; m];
+        for i in 0..m {
+            pre[i] = sigmoid(mix[i] * p.scale[0] + p.base[i]) + p.hc_eps;
+            post[i] = 2.0 * sigmoid(mix[m + i] * p.scale[1] + p.base[m + i]);
+        }
+        for i in 0..m {
+            let row = &mut comb[i * m..(i + 1) * m];
+            for j in 0..m {
+                row[j] = mix[2 * m + i * m + j] * p.scale[2] + p.base[2 * m + i * m + j];
+            }
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            row.iter_mut().for_each(|v| *v = (*v - mx).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v = *v / sum + p.hc_eps);
+        }
+        sinkhorn_columns(comb, m, p.hc_eps);
+        for _ in 1..p.n_sinkhorn_iter {
+            for i in 0..m {
+                let row = &mut comb[i * m..(i + 1) * m];
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|v| *v /= sum + p.hc_eps);
+            }
+            sinkhorn_columns(comb, m, p.hc_eps);
+        }
+        x.fill(0.0);
+        for i in 0..m {
+            let stream = &state[i * d..(i + 1) * d];
+            x.iter_mut()
+                .zip(stream)
+                .for_each(|(xo, &sv)| *xo += pre[i] * sv);
+        }
+        Ok(())
+    }
+
+    fn hc_post(&self, state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], m: usize) {
+        let d = o.len();
+        let old = state.to_vec();
+        for j in 0..m {
+            let dst = &mut state[j * d..(j + 1) * d];
+            for (k, v) in dst.iter_mut().enumerate() {
+                let mut acc = post[j] * o[k];
+                for i in 0..m {
+                    acc += comb[i * m + j] * old[i * d + k];
+                }
+                *v = acc;
+            }
+        }
+    }
+
+    fn attention(&self, q: &[f32], rows: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]) {
+        let n_head = sinks.len();
+        let hd = q.len() / n_head;
+        // Heads are independent: split them over threads when there is enough work. Each
+        // head's arithmetic is the same sequential loop either way.
+        let head = |(h, oh): (usize, &mut [f32])| {
+            let qh = &q[h * hd..(h + 1) * hd];
+            let logits: Vec<f32> = rows.iter().map(|k| dot(qh, k) * scale).collect();
+            let mx = logits.iter().fold(sinks[h], |a, &b| a.max(b));
+            let mut den = (sinks[h] - mx).exp();
+            oh.fill(0.0);
+            for (l, k) in logits.iter().zip(rows) {
+                let w = (l - mx).exp();
+                den += w;
+                oh.iter_mut()
+                    .zip(k.iter())
+                    .for_each(|(o, &kv)| *o += w * kv);
+            }
+            oh.iter_mut().for_each(|o| *o /= den);
+        };
+        if n_head * rows.len() * hd >= PAR_MIN_WORK {
+            out.par_chunks_mut(hd).enumerate().for_each(head);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(head);
+        }
+    }
+
+    fn indexer_scores(&self, q: &[f32], weights: &[f32], rows: &[f32], scores: &mut [f32]) {
+        let n_head = weights.len();
+        let di = q.len() / n_head;
+        let score = |(b, out): (usize, &mut f32)| {
+            let k = &rows[b * di..(b + 1) * di];
+            *out = (0..n_head)
+                .map(|h| weights[h] * dot(&q[h * di..(h + 1) * di], k).max(0.0))
+                .sum();
+        };
+        // Rows are independent (1M context: 262k rows x 64 heads x 128 dims per query).
+        if scores.len() * q.len() >= PAR_MIN_WORK {
+            scores.par_iter_mut().enumerate().for_each(score);
+        } else {
+            scores.iter_mut().enumerate().for_each(score);
+        }
+    }
+
+    fn swiglu(&self, gate: &mut [f32], up: &[f32], clamp: f32, weight: f32) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            let (gv, uv) = if clamp > 1e-6 {
+                (g.min(clamp), u.clamp(-clamp, clamp))
+            } else {
+                (*g, u)
+            };
+            *g = gv * sigmoid(gv) * uv * weight;
+        }
+    }
+}
+
+/// One Sinkhorn column normalisation: `C[:, j] /= sum_i C[i][j] + eps`.
+fn sinkhorn_columns(c: &mut [f32], m: usize, eps: f32) {
+    for j in 0..m {
+        let sum: f32 = (0..m).map(|i| c[i * m + j]).sum();
+        for i in 0..m {
+            c[i * m + j] /= sum + eps;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinkhorn_is_doubly_stochastic() {
+        let fn_w = HostTensor::from_f32(
+            "fn",
+            &[24, 8],
+            &(0..24 * 8)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect::<Vec<_>>(),
+        );
+        let base: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = HcParams {
+            fn_weight: &fn_w,
+            scale: &[0.5, 0.7, 1.3],
+            base: &base,
+            n_hc: 4,
+            n_sinkhorn_iter: 20,
+            hc_eps: 1e-6,
+            rms_eps: 1e-6,
+        };
+        let state: Vec<f32> = (0..8).map(|i| i as f32 - 3.0).collect();
+        let (mut x, mut post, mut comb) = (vec![0.0; 2], vec![0.0; 4], vec![0.0; 16]);
+        CpuBackend
+            .hc_pre(&p, &state, &mut x, &mut post, &mut comb)
+            .expect("f32 matmul");
+        for i in 0..4 {
+            let row: f32 = comb[i * 4..i * 4 + 4].iter().sum();
+            let col: f32 = (0..4).map(|r| comb[r * 4 + i]).sum();
+            assert!((row - 1.0).abs() < 1e-3, "row {i}: {row}");
+            assert!((col - 1.0).abs() < 1e-4, "col {i}: {col}");
+        }
+        assert!(post.iter().all(|&v| (0.0..=2.0).contains(&v)));
+    }
+
+    #[test]
+    fn rope_then_inverse_is_identity() {
+        let freqs = [1.0f32, 0.1];
+        let orig = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut x = orig;
+        CpuBackend.rope_tail(&mut x, 6, &freqs, 7, false);
+        assert_eq!(&x[..2], &orig[..2]);
+        assert!((x[2] - (3.0 * 7f32.cos() - 4.0 * 7f32.sin())).abs() < 1e-6);
+        CpuBackend.rope_tail(&mut x, 6, &freqs, 7, true);
+        for (a, b) in x.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_sink_takes_probability_mass() {
+        // One head of dim 1, one row: weight = e^l / (e^l + e^sink).
+        let (q, k) = ([2.0f32], [3.0f32]);
+        let mut out = [0.0f32];
+        CpuBackend.attention(&q, &[&k], &[0.0], 1.0, &mut out);
+        let w = 6f32.exp() / (6f32.exp() + 1.0);
+        assert!((out[0] - 3.0 * w).abs() < 1e-6);
+    }
+}

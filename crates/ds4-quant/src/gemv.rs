@@ -1,0 +1,468 @@
+//! Multi-threaded matrix x vector (decode) and matrix x small batch (prefill, MoE) products
+//! on raw weight bytes.
+//!
+//! `y[r] = Σ_c W[r, c] · x[c]` for a row-major weight matrix `W` of `n_rows` rows of
+//! `n_cols` values (`// [n_rows, n_cols]`, GGUF `ne = [n_cols, n_rows]`) stored as `dtype`.
+//! The activations are quantized once per call to the format the weight type pairs with
+//! (FORMATS.md s2.8): Q8_K for Q2_K, Q4_K and IQ2_XXS, Q8_0 for Q8_0, none for F16, BF16
+//! and F32. The `*_q8k` / `*_q8_0` variants take activations that are already quantized, so
+//! an MoE layer can quantize its input once and reuse it for the gate and up matrices of
+//! every selected expert, as ds4 does.
+//!
+//! Work is split over rows with rayon: each task takes a run of whole rows (at least 16 rows
+//! and about 64 KiB of weights, so that task overhead stays small next to the dot products)
+//! and every output value is computed by exactly one call of a [`crate::simd`] dot kernel.
+//! The result therefore does not depend on the number of threads, bit for bit. The functions
+//! run on the current rayon pool: to choose the thread count, build a
+//! `rayon::ThreadPool` with `num_threads(n)` and call them inside `pool.install(|| ...)`.
+//!
+//! For a batch ([`matmul`]) each task loops over its rows outermost and over the tokens
+//! innermost, so a weight row is read from memory once and reused from L1 for every token.
+//!
+//! Every length is checked and reported as an [`Error`]; nothing here panics on a bad
+//! input. Weight bytes at any alignment are accepted (GGUF data is 32-byte aligned, so the
+//! blocks are normally cast in place; a misaligned row is copied first, which is slow).
+//!
+//! Reference: row-by-row scalar dots; checked by `tests/kernels.rs`.
+
+use std::borrow::Cow;
+
+use bytemuck::{Pod, Zeroable};
+use ds4_tensor::DType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::simd::{self, Kernels};
+use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, Error, QK_K, QK8_0, Result};
+
+/// Weight bytes a task should cover at least, so that rayon's per-task cost is negligible.
+const TASK_BYTES: usize = 64 * 1024;
+/// Rows a task should cover at least.
+const TASK_ROWS: usize = 16;
+
+/// The activation format a weight type's fast dot product expects: [`DType::Q8K`] for the
+/// K and IQ formats, [`DType::Q8_0`] for Q8_0, [`DType::F32`] for the float types, `None` for
+/// types that are not matrix weights.
+pub fn activation_dtype(dtype: DType) -> Option<DType> {
+    match dtype {
+        DType::Q2K | DType::Q4K | DType::Iq2Xxs => Some(DType::Q8K),
+        DType::Q8_0 => Some(DType::Q8_0),
+        DType::F32 | DType::F16 | DType::BF16 => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// Quantizes `n_tok` activation rows of `n_cols` values (`xs: [n_tok, n_cols]`) to Q8_K,
+/// returning `[n_tok, n_cols / 256]` blocks for [`matvec_q8k`] and [`matmul_q8k`].
+///
+/// # Errors
+/// [`Error::NotWholeBlocks`] if `xs` is not a whole number of 256-value blocks.
+pub fn quantize_q8k(xs: &[f32]) -> Result<Vec<BlockQ8K>> {
+    if xs.len() % QK_K != 0 {
+        return Err(Error::NotWholeBlocks {
+            dtype: DType::Q8K,
+            len: xs.len(),
+            block: QK_K,
+            unit: "values",
+        });
+    }
+    let mut out = vec![BlockQ8K::zeroed(); xs.len() / QK_K];
+    crate::q8_k::quantize(xs, &mut out);
+    Ok(out)
+}
+
+/// Quantizes activations to Q8_0 (`[n_tok, n_cols / 32]` blocks) for [`matvec_q8_0`] and
+/// [`matmul_q8_0`].
+///
+/// # Errors
+/// [`Error::NotWholeBlocks`] if `xs` is not a whole number of 32-value blocks.
+pub fn quantize_q8_0(xs: &[f32]) -> Result<Vec<BlockQ8_0>> {
+    if xs.len() % QK8_0 != 0 {
+        return Err(Error::NotWholeBlocks {
+            dtype: DType::Q8_0,
+            len: xs.len(),
+            block: QK8_0,
+            unit: "values",
+        });
+    }
+    let mut out = vec![BlockQ8_0::zeroed(); xs.len() / QK8_0];
+    crate::q8_0::quantize(xs, &mut out);
+    Ok(out)
+}
+
+/// `y = W x` for one activation vector (`x: [n_cols]`, `y: [n_rows]`), with the fastest
+/// kernels of this CPU. See the module docs for threading and formats.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a type that is not a matrix weight type,
+/// [`Error::NotWholeBlocks`] if `n_cols` is not a whole number of blocks, a shape mismatch
+/// ([`Error::Tensor`]) if `w` or `x` has the wrong length, [`Error::OutputLength`] for `y`.
+pub fn matvec(
+    dtype: DType,
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matvec(dtype, w, n_rows, n_cols, x, y)
+}
+
+/// `Y = X Wᵀ` for a small batch (`xs: [n_tok, n_cols]`, `ys: [n_tok, n_rows]`); each weight
+/// row is read once and applied to every token. Errors as [`matvec`].
+pub fn matmul(
+    dtype: DType,
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matmul(dtype, w, n_rows, n_cols, xs, ys)
+}
+
+/// [`matvec`] with activations already quantized to Q8_K (`xq: [n_cols / 256]`); `dtype`
+/// must be Q2_K, Q4_K or IQ2_XXS.
+pub fn matvec_q8k(
+    dtype: DType,
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    xq: &[BlockQ8K],
+    y: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matmul_q8k(dtype, w, n_rows, n_cols, xq, y)
+}
+
+/// [`matmul`] with activations already quantized to Q8_K (`xq: [n_tok, n_cols / 256]`,
+/// `ys: [n_tok, n_rows]`); `dtype` must be Q2_K, Q4_K or IQ2_XXS.
+pub fn matmul_q8k(
+    dtype: DType,
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    xq: &[BlockQ8K],
+    ys: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matmul_q8k(dtype, w, n_rows, n_cols, xq, ys)
+}
+
+/// [`matvec`] of Q8_0 weights with activations already quantized to Q8_0
+/// (`xq: [n_cols / 32]`).
+pub fn matvec_q8_0(
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    xq: &[BlockQ8_0],
+    y: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matmul_q8_0(w, n_rows, n_cols, xq, y)
+}
+
+/// [`matmul`] of Q8_0 weights with activations already quantized to Q8_0
+/// (`xq: [n_tok, n_cols / 32]`, `ys: [n_tok, n_rows]`).
+pub fn matmul_q8_0(
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    xq: &[BlockQ8_0],
+    ys: &mut [f32],
+) -> Result<()> {
+    Gemv::new().matmul_q8_0(w, n_rows, n_cols, xq, ys)
+}
+
+/// The matrix products bound to one kernel table: [`Gemv::new`] uses the fastest one of this
+/// CPU (what the free functions of this module use); [`Gemv::with_kernels`] pins one, e.g.
+/// the scalar references, for tests and benchmarks.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemv {
+    kernels: &'static Kernels,
+}
+
+impl Default for Gemv {
+    fn default() -> Self {
+        Gemv::new()
+    }
+}
+
+/// Activations of one call, in the format the weight type pairs with.
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    F32(&'a [f32]),
+    Q8K(&'a [BlockQ8K]),
+    Q8_0(&'a [BlockQ8_0]),
+}
+
+impl Gemv {
+    /// Bound to [`simd::active`], the fastest kernels of this CPU (capped by `DS4_SIMD`).
+    pub fn new() -> Gemv {
+        Gemv {
+            kernels: simd::active(),
+        }
+    }
+
+    /// Bound to a given kernel table (see [`Kernels::for_isa`]).
+    pub fn with_kernels(kernels: &'static Kernels) -> Gemv {
+        Gemv { kernels }
+    }
+
+    /// The kernel table in use.
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// See [`matvec`].
+    pub fn matvec(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        self.matmul(dtype, w, n_rows, n_cols, x, y)
+    }
+
+    /// See [`matmul`]. The token count is `xs.len() / n_cols`.
+    pub fn matmul(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        xs: &[f32],
+        ys: &mut [f32],
+    ) -> Result<()> {
+        check_cols(dtype, n_cols)?;
+        let n_tok = n_tok(xs.len(), n_cols, 1)?;
+        match activation_dtype(dtype) {
+            Some(DType::Q8K) => {
+                let xq = quantize_rows(xs, n_tok, QK_K, crate::q8_k::quantize);
+                self.run(dtype, w, n_rows, n_cols, Act::Q8K(&xq), ys)
+            }
+            Some(DType::Q8_0) => {
+                let xq = quantize_rows(xs, n_tok, QK8_0, crate::q8_0::quantize);
+                self.run(dtype, w, n_rows, n_cols, Act::Q8_0(&xq), ys)
+            }
+            _ => self.run(dtype, w, n_rows, n_cols, Act::F32(xs), ys),
+        }
+    }
+
+    /// See [`matmul_q8k`] (and [`matvec_q8k`], the one-token case).
+    pub fn matmul_q8k(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        xq: &[BlockQ8K],
+        ys: &mut [f32],
+    ) -> Result<()> {
+        self.run(dtype, w, n_rows, n_cols, Act::Q8K(xq), ys)
+    }
+
+    /// See [`matmul_q8_0`] (and [`matvec_q8_0`], the one-token case).
+    pub fn matmul_q8_0(
+        &self,
+        w: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        xq: &[BlockQ8_0],
+        ys: &mut [f32],
+    ) -> Result<()> {
+        self.run(DType::Q8_0, w, n_rows, n_cols, Act::Q8_0(xq), ys)
+    }
+
+    /// Validates every length, then dispatches on the weight type once per call.
+    fn run(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        act: Act<'_>,
+        ys: &mut [f32],
+    ) -> Result<()> {
+        check_cols(dtype, n_cols)?;
+        let (act_dtype, op) = match act {
+            Act::F32(_) => (DType::F32, "matmul with f32 activations"),
+            Act::Q8K(_) => (DType::Q8K, "matmul with Q8_K activations"),
+            Act::Q8_0(_) => (DType::Q8_0, "matmul with Q8_0 activations"),
+        };
+        if activation_dtype(dtype) != Some(act_dtype) {
+            return Err(Error::Unsupported { dtype, op });
+        }
+        let row_bytes = n_cols / dtype.block_elems() * dtype.block_bytes();
+        let w_bytes = n_rows
+            .checked_mul(row_bytes)
+            .ok_or_else(|| shape("weights", usize::MAX, w.len()))?;
+        if w.len() != w_bytes {
+            return Err(shape("weight bytes", w_bytes, w.len()));
+        }
+        let n_tok = match act {
+            Act::F32(x) => n_tok(x.len(), n_cols, 1)?,
+            Act::Q8K(x) => n_tok(x.len(), n_cols / QK_K, QK_K)?,
+            Act::Q8_0(x) => n_tok(x.len(), n_cols / QK8_0, QK8_0)?,
+        };
+        let expected = n_tok.checked_mul(n_rows).ok_or(Error::OutputLength {
+            expected: usize::MAX,
+            got: ys.len(),
+        })?;
+        if ys.len() != expected {
+            return Err(Error::OutputLength {
+                expected,
+                got: ys.len(),
+            });
+        }
+        if n_rows == 0 || n_tok == 0 {
+            return Ok(());
+        }
+        let k = self.kernels;
+        let m = Mat {
+            w,
+            n_rows,
+            row_bytes,
+        };
+        match (dtype, act) {
+            (DType::Q2K, Act::Q8K(x)) => m.apply::<BlockQ2K, _>(k.q2k_q8k, x, n_tok, ys),
+            (DType::Q4K, Act::Q8K(x)) => m.apply::<BlockQ4K, _>(k.q4k_q8k, x, n_tok, ys),
+            (DType::Iq2Xxs, Act::Q8K(x)) => m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, x, n_tok, ys),
+            (DType::Q8_0, Act::Q8_0(x)) => m.apply::<BlockQ8_0, _>(k.q8_0_q8_0, x, n_tok, ys),
+            (DType::F16, Act::F32(x)) => m.apply::<f16, _>(k.f16_f32, x, n_tok, ys),
+            (DType::BF16, Act::F32(x)) => m.apply::<bf16, _>(k.bf16_f32, x, n_tok, ys),
+            (DType::F32, Act::F32(x)) => m.apply::<f32, _>(k.f32_f32, x, n_tok, ys),
+            // Pairs other than the above were refused at the top.
+            (dtype, _) => return Err(Error::Unsupported { dtype, op }),
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `dtype` is a matrix weight type and `n_cols` a whole number of its blocks.
+fn check_cols(dtype: DType, n_cols: usize) -> Result<()> {
+    if activation_dtype(dtype).is_none() {
+        return Err(Error::Unsupported {
+            dtype,
+            op: "matmul",
+        });
+    }
+    if n_cols % dtype.block_elems() != 0 {
+        return Err(Error::NotWholeBlocks {
+            dtype,
+            len: n_cols,
+            block: dtype.block_elems(),
+            unit: "values",
+        });
+    }
+    Ok(())
+}
+
+/// The number of tokens in `len` activation items of `per_tok` items each (`elems` values
+/// per item, for the error message).
+fn n_tok(len: usize, per_tok: usize, elems: usize) -> Result<usize> {
+    if per_tok == 0 {
+        // Zero columns: only an empty activation slice makes sense, and it holds no tokens.
+        return if len == 0 {
+            Ok(0)
+        } else {
+            Err(shape("activations", 0, len))
+        };
+    }
+    if len % per_tok != 0 || len == 0 {
+        return Err(shape("activations", per_tok * elems, len * elems));
+    }
+    Ok(len / per_tok)
+}
+
+/// A length error for the operand `what` (lengths in values or bytes, as named).
+fn shape(what: &str, expected: usize, got: usize) -> Error {
+    Error::Tensor(ds4_tensor::Error::ShapeMismatch {
+        name: format!("matmul {what}"),
+        expected: vec![expected as u64],
+        got: vec![got as u64],
+    })
+}
+
+/// Quantizes the `n_tok` rows of `xs` with `f` into blocks of `elems` values, one rayon
+/// task per token when there are several.
+fn quantize_rows<B: Pod + Send>(
+    xs: &[f32],
+    n_tok: usize,
+    elems: usize,
+    f: fn(&[f32], &mut [B]),
+) -> Vec<B> {
+    let mut out = vec![B::zeroed(); xs.len() / elems];
+    if n_tok == 1 {
+        f(xs, &mut out);
+    } else {
+        let n_cols = xs.len() / n_tok;
+        out.par_chunks_mut(n_cols / elems)
+            .zip(xs.par_chunks(n_cols))
+            .for_each(|(q, x)| f(x, q));
+    }
+    out
+}
+
+/// A weight matrix as raw bytes: `n_rows` rows of `row_bytes` each.
+struct Mat<'a> {
+    w: &'a [u8],
+    n_rows: usize,
+    row_bytes: usize,
+}
+
+impl Mat<'_> {
+    /// `ys[t, r] = kernel(row r, x[t])` for every row and token, rows split over rayon tasks.
+    fn apply<B: Pod + Sync, A: Sync>(
+        &self,
+        kernel: fn(&[B], &[A]) -> f32,
+        x: &[A],
+        n_tok: usize,
+        ys: &mut [f32],
+    ) {
+        let per_tok = x.len() / n_tok;
+        let chunk_rows = self.task_rows();
+        let rows = |first: usize, out: &mut [f32] /* [rows, n_tok] */| {
+            for (i, out_row) in out.chunks_exact_mut(n_tok).enumerate() {
+                let start = (first + i) * self.row_bytes;
+                let row = cast_row::<B>(&self.w[start..start + self.row_bytes]);
+                for (y, x) in out_row.iter_mut().zip(x.chunks_exact(per_tok)) {
+                    *y = kernel(&row, x);
+                }
+            }
+        };
+        if n_tok == 1 {
+            ys.par_chunks_mut(chunk_rows)
+                .enumerate()
+                .for_each(|(c, out)| rows(c * chunk_rows, out));
+        } else {
+            // Computed as [n_rows, n_tok] so that each task owns a contiguous run, then
+            // transposed; the copy is tiny next to the products.
+            let mut yt = vec![0.0f32; ys.len()];
+            yt.par_chunks_mut(chunk_rows * n_tok)
+                .enumerate()
+                .for_each(|(c, out)| rows(c * chunk_rows, out));
+            for (r, yr) in yt.chunks_exact(n_tok).enumerate() {
+                for (t, &v) in yr.iter().enumerate() {
+                    ys[t * self.n_rows + r] = v;
+                }
+            }
+        }
+    }
+
+    /// Rows per rayon task: at least [`TASK_ROWS`] rows and [`TASK_BYTES`] of weights, but
+    /// no more than an even share per thread, so that small matrices still use every thread.
+    fn task_rows(&self) -> usize {
+        let by_bytes = TASK_BYTES.div_ceil(self.row_bytes.max(1));
+        let share = self.n_rows.div_ceil(rayon::current_num_threads().max(1));
+        by_bytes.max(TASK_ROWS).min(share).max(1)
+    }
+}
+
+/// The blocks of one row, cast in place when aligned (the normal case) or copied.
+fn cast_row<B: Pod>(bytes: &[u8]) -> Cow<'_, [B]> {
+    match bytemuck::try_cast_slice::<u8, B>(bytes) {
+        Ok(blocks) => Cow::Borrowed(blocks),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}

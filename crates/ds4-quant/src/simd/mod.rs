@@ -1,0 +1,346 @@
+//! Fast CPU dot products with run-time instruction-set dispatch.
+//!
+//! Every weight format has one dot kernel per instruction set: AVX2+FMA+F16C (the x86-64
+//! baseline we ask for), AVX-512 with VNNI (`avx512f`, `avx512bw`, `avx512vl`, `avx512vnni`,
+//! plus `bmi2`) and NEON (every aarch64 CPU). The scalar functions in the format modules
+//! ([`crate::q8_0::dot`], [`crate::q2_k::dot`], ...) *define* the results; the fast kernels
+//! compute the same integer block sums exactly and differ only in the order in which f32
+//! partial sums are added (FORMATS.md s2.8). `tests/kernels.rs` checks every kernel the CPU
+//! can run against its scalar reference.
+//!
+//! The best instruction set is detected once and cached; the environment variable
+//! `DS4_SIMD` (`scalar`, `avx2`, `avx512`, `neon`) caps it, so the scalar fallback can be
+//! exercised on any machine (`DS4_SIMD=scalar cargo test`). A request for an instruction set
+//! the CPU lacks falls back to the best one it has below it. Callers that loop over many
+//! rows fetch a [`Kernels`] table once ([`active`]) and call through its function pointers,
+//! so the per-call cost of dispatch is one indirect call.
+//!
+//! Activation precondition: the quant kernels use the sign trick of ggml (`|w| * sign(x, w)`
+//! with `maddubs`/`dpbusd`), which is exact for activation quants in `[-127, 127]`. The
+//! quantizers [`crate::q8_k::quantize`] and [`crate::q8_0::quantize`] never emit `-128`, so
+//! activations produced by them always qualify.
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+/// An instruction set a kernel table is written for, from least to most capable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// The scalar references of the format modules.
+    Scalar,
+    /// AArch64 Advanced SIMD (always present on aarch64).
+    Neon,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+    /// x86-64 AVX-512 (F, BW, VL) with VNNI (and BMI2, which every AVX-512 CPU has).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every instruction set, least capable first.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// The name `DS4_SIMD` accepts for this instruction set.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Neon => "neon",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512",
+        }
+    }
+
+    /// Parses a `DS4_SIMD` value (case-insensitive); `None` for an unknown name.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Whether the CPU this process runs on can execute this instruction set.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Neon => cfg!(target_arch = "aarch64"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx2.is_supported()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("bmi2")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512Vnni => false,
+        }
+    }
+}
+
+/// Dot product of a Q8_0 weight row with Q8_0 activations.
+pub type DotQ8_0 = fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32;
+/// Dot product of a Q2_K weight row with Q8_K activations.
+pub type DotQ2K = fn(&[BlockQ2K], &[BlockQ8K]) -> f32;
+/// Dot product of a Q4_K weight row with Q8_K activations.
+pub type DotQ4K = fn(&[BlockQ4K], &[BlockQ8K]) -> f32;
+/// Dot product of an IQ2_XXS weight row with Q8_K activations.
+pub type DotIq2Xxs = fn(&[BlockIq2Xxs], &[BlockQ8K]) -> f32;
+/// Dot product of an F16 weight row with f32 activations.
+pub type DotF16 = fn(&[f16], &[f32]) -> f32;
+/// Dot product of a BF16 weight row with f32 activations.
+pub type DotBf16 = fn(&[bf16], &[f32]) -> f32;
+/// Dot product of two f32 rows.
+pub type DotF32 = fn(&[f32], &[f32]) -> f32;
+
+/// One instruction set's dot kernels, as plain function pointers.
+///
+/// A table is only handed out ([`Kernels::for_isa`], [`active`]) when the CPU supports its
+/// instruction set, which is what makes the function pointers safe to call. Every function
+/// panics if its two slices differ in length, as the scalar references do.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernels {
+    /// The instruction set these kernels use.
+    pub isa: Isa,
+    /// Q8_0 x Q8_0.
+    pub q8_0_q8_0: DotQ8_0,
+    /// Q2_K x Q8_K.
+    pub q2k_q8k: DotQ2K,
+    /// Q4_K x Q8_K.
+    pub q4k_q8k: DotQ4K,
+    /// IQ2_XXS x Q8_K.
+    pub iq2xxs_q8k: DotIq2Xxs,
+    /// F16 x f32.
+    pub f16_f32: DotF16,
+    /// BF16 x f32.
+    pub bf16_f32: DotBf16,
+    /// f32 x f32.
+    pub f32_f32: DotF32,
+}
+
+static SCALAR: Kernels = Kernels {
+    isa: Isa::Scalar,
+    q8_0_q8_0: crate::q8_0::dot,
+    q2k_q8k: crate::q2_k::dot,
+    q4k_q8k: crate::q4_k::dot,
+    iq2xxs_q8k: crate::iq2_xxs::dot,
+    f16_f32: crate::f16::dot_f16_f32,
+    bf16_f32: crate::f16::dot_bf16_f32,
+    f32_f32: crate::f16::dot_f32,
+};
+
+impl Kernels {
+    /// The kernel table of `isa`, or `None` when this CPU (or this build's target) cannot
+    /// run it.
+    pub fn for_isa(isa: Isa) -> Option<&'static Kernels> {
+        if !isa.is_supported() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(&SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&avx2::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => Some(&avx512::KERNELS),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Some(&neon::KERNELS),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The scalar reference kernels (always available).
+    pub fn scalar() -> &'static Kernels {
+        &SCALAR
+    }
+}
+
+/// The instruction sets this CPU can run, least capable first (always includes
+/// [`Isa::Scalar`]).
+pub fn supported() -> Vec<Isa> {
+    Isa::ALL
+        .into_iter()
+        .filter(|isa| isa.is_supported())
+        .collect()
+}
+
+/// The best instruction set of this CPU, capped by `DS4_SIMD` when it is set.
+///
+/// Read once per process; later changes of the environment variable have no effect.
+pub fn active_isa() -> Isa {
+    active().isa
+}
+
+/// The kernel table the fast paths use: the best one this CPU supports, capped by
+/// `DS4_SIMD`. Detected on the first call and cached.
+pub fn active() -> &'static Kernels {
+    static ACTIVE: OnceLock<&'static Kernels> = OnceLock::new();
+    ACTIVE.get_or_init(|| {
+        let cap = std::env::var("DS4_SIMD")
+            .ok()
+            .and_then(|v| Isa::from_name(&v));
+        best_below(cap)
+    })
+}
+
+/// The most capable supported kernel table at or below `cap` (any when `cap` is `None`).
+fn best_below(cap: Option<Isa>) -> &'static Kernels {
+    Isa::ALL
+        .into_iter()
+        .rev()
+        .filter(|&isa| cap.is_none_or(|cap| isa <= cap))
+        .find_map(Kernels::for_isa)
+        .unwrap_or(&SCALAR)
+}
+
+/// Q8_0 weights x Q8_0 activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    (active().q8_0_q8_0)(w, x)
+}
+
+/// Q2_K weights x Q8_K activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
+    (active().q2k_q8k)(w, x)
+}
+
+/// Q4_K weights x Q8_K activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_q4k_q8k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
+    (active().q4k_q8k)(w, x)
+}
+
+/// IQ2_XXS weights x Q8_K activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
+    (active().iq2xxs_q8k)(w, x)
+}
+
+/// F16 weights x f32 activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_f16_f32(w: &[f16], x: &[f32]) -> f32 {
+    (active().f16_f32)(w, x)
+}
+
+/// BF16 weights x f32 activations, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_bf16_f32(w: &[bf16], x: &[f32]) -> f32 {
+    (active().bf16_f32)(w, x)
+}
+
+/// f32 x f32, with the fastest kernel this CPU has.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_f32_f32(w: &[f32], x: &[f32]) -> f32 {
+    (active().f32_f32)(w, x)
+}
+
+/// The IQ2_XXS sign codes expanded to byte multipliers: byte `i` of entry `s` is `-1`
+/// (`0xFF`) when element `i` of a chunk with sign code `s` is negative, else `+1`. Built at
+/// compile time from [`crate::tables::KSIGNS_IQ2XS`] so it cannot drift from it; the SIMD
+/// kernels apply it to the activations with one `sign`/multiply per 8 values.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) static IQ2XXS_SIGNS: [u64; 128] = {
+    let mut out = [0u64; 128];
+    let mut s = 0;
+    while s < 128 {
+        let bits = crate::tables::KSIGNS_IQ2XS[s];
+        let mut v = 0u64;
+        let mut i = 0;
+        while i < 8 {
+            let byte: u64 = if (bits >> i) & 1 == 1 { 0xFF } else { 0x01 };
+            v |= byte << (8 * i);
+            i += 1;
+        }
+        out[s] = v;
+        s += 1;
+    }
+    out
+};
+
+/// The 8 scales (low 6 bits) and 8 mins of a Q4_K block (FORMATS.md s2.5), unpacked.
+#[inline]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut m = [0u8; 8];
+    for j in 0..4 {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::from_name(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::from_name("sse"), None);
+    }
+
+    #[test]
+    fn cap_never_exceeds_request() {
+        assert_eq!(best_below(Some(Isa::Scalar)).isa, Isa::Scalar);
+        for isa in supported() {
+            assert_eq!(best_below(Some(isa)).isa, isa);
+        }
+        assert_eq!(
+            best_below(None).isa,
+            *supported().last().expect("scalar is always supported")
+        );
+    }
+
+    #[test]
+    fn sign_table_matches_ksigns() {
+        for (s, &v) in IQ2XXS_SIGNS.iter().enumerate() {
+            for i in 0..8 {
+                let neg = crate::tables::KSIGNS_IQ2XS[s] & crate::tables::KMASK_IQ2XS[i] != 0;
+                let byte = (v >> (8 * i)) as u8 as i8;
+                assert_eq!(byte, if neg { -1 } else { 1 }, "code {s} element {i}");
+            }
+        }
+    }
+}
