@@ -17,7 +17,7 @@
 //! ```
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Module, Tensor};
@@ -28,6 +28,28 @@ use ds4_benches::{
 };
 use ds4_quant::gemv;
 use ds4_tensor::DType;
+
+/// Times `iters` calls of `f` and returns `iters` times the fastest batch of `batch` calls,
+/// divided by `batch`: the best-case time per call within one criterion sample.
+///
+/// Deliberate: this machine is shared with other engineers' builds, which made plain
+/// averages swing by 3x between runs. A call that was not interrupted is the machine's
+/// real speed; every implementation and the memory read are timed the same way, so the
+/// ratios stay fair. Criterion still reports the median over its samples.
+fn best_of(iters: u64, batch: u64, mut f: impl FnMut()) -> Duration {
+    let mut best = Duration::MAX;
+    let mut done = 0;
+    while done < iters {
+        let n = batch.min(iters - done);
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        best = best.min(t.elapsed().div_f64(n as f64));
+        done += n;
+    }
+    best.mul_f64(iters as f64)
+}
 
 /// The formats benchmarked, routed-expert formats first.
 const TYPES: [DType; 7] = [
@@ -61,11 +83,19 @@ fn memory_read(c: &mut Criterion) {
     for threads in thread_counts() {
         let p = pool(threads);
         group.bench_function(format!("stream_t{threads}"), |b| {
-            b.iter(|| p.install(|| black_box(read_sum_parallel(black_box(&buf)))))
+            b.iter_custom(|n| {
+                best_of(n, 1, || {
+                    black_box(p.install(|| read_sum_parallel(black_box(&buf))));
+                })
+            })
         });
     }
     group.bench_function("stream_single_call_t1", |b| {
-        b.iter(|| black_box(read_sum(&buf)))
+        b.iter_custom(|n| {
+            best_of(n, 1, || {
+                black_box(read_sum(black_box(&buf)));
+            })
+        })
     });
     group.finish();
 }
@@ -83,15 +113,24 @@ fn ds4_matvec(c: &mut Criterion) {
                     let x = random_activations(shape.n_cols, 7);
                     let mut y = vec![0.0f32; shape.n_rows];
                     let p = pool(threads);
-                    let mut i = 0;
-                    b.iter(|| {
-                        let w = &copies[i % copies.len()];
-                        i += 1;
+                    // One untimed pass over every copy, as for candle.
+                    for w in &copies {
                         p.install(|| {
                             gemv::matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
                         })
                         .expect("valid shapes");
-                        black_box(&y);
+                    }
+                    let mut i = 0;
+                    b.iter_custom(|n| {
+                        best_of(n, 1, || {
+                            let w = &copies[i % copies.len()];
+                            i += 1;
+                            p.install(|| {
+                                gemv::matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
+                            })
+                            .expect("valid shapes");
+                            black_box(&y);
+                        })
                     })
                 });
             }
@@ -139,11 +178,19 @@ fn candle_matvec(c: &mut Criterion) {
                     &Device::Cpu,
                 )
                 .expect("candle tensor");
+                // candle repacks Q4_K and Q8_0 weights into its tiled layout on the first
+                // forward of each tensor (and keeps them): do that for every copy before
+                // timing, so that the timed loop measures matmuls, not repacking.
+                for m in &mats {
+                    black_box(m.forward(&x).expect("candle forward"));
+                }
                 let mut i = 0;
-                b.iter(|| {
-                    let m = &mats[i % mats.len()];
-                    i += 1;
-                    black_box(m.forward(&x).expect("candle forward"))
+                b.iter_custom(|n| {
+                    best_of(n, 1, || {
+                        let m = &mats[i % mats.len()];
+                        i += 1;
+                        black_box(m.forward(&x).expect("candle forward"));
+                    })
                 })
             });
         }
@@ -217,31 +264,59 @@ fn dot_in_cache(c: &mut Criterion) {
             group.bench_function(isa.name(), |b| match dtype {
                 DType::Iq2Xxs => {
                     let w: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.iq2xxs_q8k)(black_box(&w), black_box(&xk)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.iq2xxs_q8k)(black_box(&w), black_box(&xk)));
+                        })
+                    })
                 }
                 DType::Q2K => {
                     let w: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.q2k_q8k)(black_box(&w), black_box(&xk)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.q2k_q8k)(black_box(&w), black_box(&xk)));
+                        })
+                    })
                 }
                 DType::Q4K => {
                     let w: Vec<BlockQ4K> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.q4k_q8k)(black_box(&w), black_box(&xk)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.q4k_q8k)(black_box(&w), black_box(&xk)));
+                        })
+                    })
                 }
                 DType::Q8_0 => {
                     let w: Vec<BlockQ8_0> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.q8_0_q8_0)(black_box(&w), black_box(&x0)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.q8_0_q8_0)(black_box(&w), black_box(&x0)));
+                        })
+                    })
                 }
                 DType::F16 => {
                     let w: Vec<half::f16> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.f16_f32)(black_box(&w), black_box(&x)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.f16_f32)(black_box(&w), black_box(&x)));
+                        })
+                    })
                 }
                 DType::BF16 => {
                     let w: Vec<half::bf16> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.bf16_f32)(black_box(&w), black_box(&x)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.bf16_f32)(black_box(&w), black_box(&x)));
+                        })
+                    })
                 }
                 _ => {
                     let w: Vec<f32> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter(|| (k.f32_f32)(black_box(&w), black_box(&x)))
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            black_box((k.f32_f32)(black_box(&w), black_box(&x)));
+                        })
+                    })
                 }
             });
         }

@@ -5,15 +5,24 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod convert;
 mod inspect;
+mod repl;
+mod run;
 
 /// DeepSeek V4 Flash inference engine (ds4-rs).
+///
+/// Without a subcommand: `ds4 -p TEXT` answers one prompt, `ds4` alone starts an interactive
+/// chat, `--dump-tokens` / `--dump-logits` / `--dump-logprobs` are diagnostics.
 #[derive(Debug, Parser)]
 #[command(name = "ds4", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: run::RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -22,19 +31,27 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a Hugging Face checkpoint directory into a ds4 GGUF file (f16/q8/q4/q2).
     Convert(convert::ConvertArgs),
+    /// Prefill/decode speed at context frontiers (CSV), or write a synthetic benchmark model.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect(args) => inspect::run(&args),
-        Command::Convert(args) => convert::run(&args),
+        Some(Command::Inspect(args)) => inspect::run(&args),
+        Some(Command::Convert(args)) => convert::run(&args),
+        Some(Command::Bench(args)) => bench::run(&args),
+        None => run::run(&cli.run),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             if is_broken_pipe(&err) {
                 return std::process::ExitCode::SUCCESS;
+            }
+            if let Some(u) = err.downcast_ref::<run::UsageError>() {
+                eprintln!("ds4: error: {u}");
+                return std::process::ExitCode::from(2);
             }
             eprintln!("ds4: error: {err:#}");
             std::process::ExitCode::FAILURE

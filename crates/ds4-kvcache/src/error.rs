@@ -48,7 +48,9 @@ pub enum Error {
         reason: String,
     },
     /// The file was written by a model of another shape (its state would not fit).
-    #[error("kv cache file is from another model (shape id {found:016x}, expected {expected:016x})")]
+    #[error(
+        "kv cache file is from another model (shape id {found:016x}, expected {expected:016x})"
+    )]
     ModelMismatch {
         /// Shape id of the running model.
         expected: u64,

@@ -90,6 +90,25 @@ pub struct ModelIdentity {
     pub weights_id: u64,
 }
 
+impl ModelIdentity {
+    /// An identity from the caller's canonical bytes: `shape` (architecture metadata and
+    /// dimensions, tokenizer) and `weights` (tensor names and types). Each id is the first
+    /// 8 bytes of the SHA-1 of its bytes, little-endian.
+    pub fn from_bytes(shape: &[u8], weights: &[u8]) -> ModelIdentity {
+        use sha1::{Digest, Sha1};
+        let id = |b: &[u8]| {
+            let d = Sha1::digest(b);
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&d[..8]);
+            u64::from_le_bytes(a)
+        };
+        ModelIdentity {
+            shape_id: id(shape),
+            weights_id: id(weights),
+        }
+    }
+}
+
 /// The decoded fixed header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -421,7 +440,9 @@ pub fn parse_table(h: &Header, b: &[u8]) -> Result<Vec<TableEntry>> {
             .position(|&c| c == 0)
             .unwrap_or(MAX_SECTION_NAME);
         if raw_name[name_len..].iter().any(|&c| c != 0) {
-            return Err(corrupt(format!("section {idx}: bytes after the name's NUL")));
+            return Err(corrupt(format!(
+                "section {idx}: bytes after the name's NUL"
+            )));
         }
         let name = std::str::from_utf8(&raw_name[..name_len])
             .map_err(|_| corrupt(format!("section {idx}: name is not UTF-8")))?;
@@ -555,7 +576,10 @@ pub fn read_body<R: Read>(r: &mut R, header: Header, table: Vec<TableEntry>) -> 
         match idx {
             0 => text = data,
             1 => tokens = data.chunks_exact(4).map(|c| le_u32(c, 0)).collect(),
-            _ => sections.0.push(OwnedSection { name: e.name, bytes: data }),
+            _ => sections.0.push(OwnedSection {
+                name: e.name,
+                bytes: data,
+            }),
         }
     }
     Ok(Decoded {
@@ -613,8 +637,13 @@ mod tests {
             Section::new("logits", a.as_slice()),
             Section::new("layer.00.raw", b.as_slice()),
         ];
-        encode(&meta(), "hello <｜User｜>".as_bytes(), &[1, 2, 3, 129279], &payload)
-            .expect("encode")
+        encode(
+            &meta(),
+            "hello <｜User｜>".as_bytes(),
+            &[1, 2, 3, 129279],
+            &payload,
+        )
+        .expect("encode")
     }
 
     #[test]
@@ -629,7 +658,10 @@ mod tests {
         assert_eq!(d.header.file_bytes, bytes.len() as u64);
         assert_eq!(d.sections.0.len(), 2);
         assert_eq!(d.sections.get("logits").map(<[u8]>::len), Some(1000));
-        assert_eq!(d.sections.get("layer.00.raw"), Some(&[0xab, 0xab, 0xab][..]));
+        assert_eq!(
+            d.sections.get("layer.00.raw"),
+            Some(&[0xab, 0xab, 0xab][..])
+        );
         let lens = [16, 16, 1000, 3];
         assert_eq!(layout(&lens).expect("layout").1, bytes.len() as u64);
     }
@@ -648,11 +680,27 @@ mod tests {
     fn every_truncation_is_rejected() {
         let bytes = sample();
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "truncation to {len} accepted");
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "truncation to {len} accepted"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(matches!(decode(&longer), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn identity_from_bytes() {
+        let a = ModelIdentity::from_bytes(b"n_layer=43", b"ffn_gate_exps=IQ2_XXS");
+        let b = ModelIdentity::from_bytes(b"n_layer=43", b"ffn_gate_exps=Q4_K");
+        assert_eq!(a.shape_id, b.shape_id);
+        assert_ne!(a.weights_id, b.weights_id);
+        // SHA-1("abc") starts a9 99 3e 36 47 06 81 6a.
+        assert_eq!(
+            ModelIdentity::from_bytes(b"abc", b"").shape_id,
+            0x6a81_0647_363e_99a9
+        );
     }
 
     #[test]

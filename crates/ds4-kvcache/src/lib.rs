@@ -15,7 +15,7 @@
 //!
 //! Modules, in reading order:
 //! * [`payload`]: the state as named byte sections;
-//! * [`format`]: the versioned file format (docs/KVCACHE_FORMAT.md);
+//! * [`format`](mod@format): the versioned file format (docs/KVCACHE_FORMAT.md);
 //! * [`policy`]: ds4's save moments, lengths and eviction score, as pure functions;
 //! * [`store`]: the directory, its index, lookup, load, save and eviction;
 //! * [`writer`]: the background save thread;
@@ -24,16 +24,18 @@
 #![warn(missing_docs)]
 
 pub mod error;
-pub mod payload;
 pub mod format;
+pub mod payload;
 pub mod policy;
+pub mod session;
 pub mod store;
 pub mod writer;
-pub mod session;
 
 pub use error::{Error, Result};
 pub use format::{ModelIdentity, SaveReason};
 pub use payload::{FromSections, OwnedSection, Payload, Section, Sections};
 pub use policy::{Frontier, Policy};
-pub use store::{EntryInfo, Hit, Key, Loaded, SaveOutcome, SaveRequest, Store, StoreConfig, key_of};
+pub use store::{
+    EntryInfo, Hit, Key, Loaded, SaveOutcome, SaveRequest, Store, StoreConfig, key_of,
+};
 pub use writer::{SaveJob, Ticket, Writer};

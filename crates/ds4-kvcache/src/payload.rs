@@ -95,15 +95,34 @@ impl Payload for Sections {
     }
 }
 
-/// A state that can be rebuilt from the sections of a loaded entry.
-pub trait FromSections: Sized {
-    /// Rebuilds the state from the entry's token ids and payload sections.
-    fn from_sections(tokens: Vec<u32>, sections: Sections) -> Result<Self>;
+/// Two payloads stored side by side (e.g. the session state plus a protocol layer's
+/// tool-id map); their section names must not collide.
+impl<A: Payload, B: Payload> Payload for (A, B) {
+    fn sections(&self) -> Vec<Section<'_>> {
+        let mut v = self.0.sections();
+        v.extend(self.1.sections());
+        v
+    }
 }
 
+impl<P: Payload + ?Sized> Payload for &P {
+    fn sections(&self) -> Vec<Section<'_>> {
+        (**self).sections()
+    }
+}
+
+/// A state that can be rebuilt from the sections of a loaded entry.
+pub trait FromSections: Sized {
+    /// Rebuilds the state from the entry's token ids and payload sections, taking the
+    /// sections it uses out of `sections`; the rest reach the caller as
+    /// [`crate::store::Loaded::extra`].
+    fn from_sections(tokens: &[u32], sections: &mut Sections) -> Result<Self>;
+}
+
+/// Takes every section.
 impl FromSections for Sections {
-    fn from_sections(_tokens: Vec<u32>, sections: Sections) -> Result<Self> {
-        Ok(sections)
+    fn from_sections(_tokens: &[u32], sections: &mut Sections) -> Result<Self> {
+        Ok(std::mem::take(sections))
     }
 }
 

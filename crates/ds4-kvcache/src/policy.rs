@@ -285,7 +285,10 @@ mod tests {
     #[test]
     fn chat_anchor_is_last_user_before_first_assistant() {
         let pol = Policy::default();
-        let p = prompt(3000, &[(10, USER), (600, USER), (900, ASSISTANT), (1200, USER)]);
+        let p = prompt(
+            3000,
+            &[(10, USER), (600, USER), (900, ASSISTANT), (1200, USER)],
+        );
         assert_eq!(pol.chat_anchor_pos(&p, USER, ASSISTANT), Some(600));
         // Below min_tokens: no anchor.
         let p = prompt(3000, &[(100, USER), (900, ASSISTANT)]);
@@ -314,7 +317,10 @@ mod tests {
             pol.cold_target(&prompt(11_011, &[]), USER, ASSISTANT),
             Some(10_240)
         );
-        assert_eq!(pol.cold_target(&prompt(512, &[]), USER, ASSISTANT), Some(512));
+        assert_eq!(
+            pol.cold_target(&prompt(512, &[]), USER, ASSISTANT),
+            Some(512)
+        );
         assert_eq!(
             pol.cold_target(&prompt(30_000, &[]), USER, ASSISTANT),
             Some(28_672)

@@ -60,15 +60,27 @@ impl Payload for SessionState {
         ];
         for (il, l) in self.layers.iter().enumerate() {
             out.push(Section::new(layer_name(il, "raw"), f32_bytes(&l.raw)));
-            out.push(Section::new(layer_name(il, "comp"), f32_bytes(&l.comp_rows)));
+            out.push(Section::new(
+                layer_name(il, "comp"),
+                f32_bytes(&l.comp_rows),
+            ));
             if let Some(c) = &l.attn_compressor {
                 out.push(Section::new(layer_name(il, "akv"), f32_bytes(&c.state_kv)));
-                out.push(Section::new(layer_name(il, "ascore"), f32_bytes(&c.state_score)));
+                out.push(Section::new(
+                    layer_name(il, "ascore"),
+                    f32_bytes(&c.state_score),
+                ));
             }
-            out.push(Section::new(layer_name(il, "index"), f32_bytes(&l.index_rows)));
+            out.push(Section::new(
+                layer_name(il, "index"),
+                f32_bytes(&l.index_rows),
+            ));
             if let Some(c) = &l.indexer_compressor {
                 out.push(Section::new(layer_name(il, "ikv"), f32_bytes(&c.state_kv)));
-                out.push(Section::new(layer_name(il, "iscore"), f32_bytes(&c.state_score)));
+                out.push(Section::new(
+                    layer_name(il, "iscore"),
+                    f32_bytes(&c.state_score),
+                ));
             }
         }
         out
@@ -80,7 +92,10 @@ fn take_f32(sections: &mut Sections, name: &str) -> Result<Vec<f32>> {
         .take(name)
         .ok_or_else(|| payload_err(format!("missing section {name}")))?;
     if bytes.len() % 4 != 0 {
-        return Err(payload_err(format!("section {name}: {} bytes", bytes.len())));
+        return Err(payload_err(format!(
+            "section {name}: {} bytes",
+            bytes.len()
+        )));
     }
     Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
@@ -115,7 +130,7 @@ fn take_compressor(
 }
 
 impl FromSections for SessionState {
-    fn from_sections(tokens: Vec<u32>, mut sections: Sections) -> Result<Self> {
+    fn from_sections(tokens: &[u32], sections: &mut Sections) -> Result<Self> {
         let layout = sections
             .take("layout")
             .ok_or_else(|| payload_err("missing section layout"))?;
@@ -127,18 +142,17 @@ impl FromSections for SessionState {
         if layout.len() != 1 + 4 * n_layer {
             return Err(payload_err("layout length does not match its layer count"));
         }
-        let logits = take_f32(&mut sections, "logits")?;
+        let logits = take_f32(sections, "logits")?;
         let mut layers = Vec::with_capacity(n_layer);
         for il in 0..n_layer {
             let f = &layout[1 + 4 * il..5 + 4 * il];
             let (ar, aw, ir, iw) = (f[0] as usize, f[1] as usize, f[2] as usize, f[3] as usize);
-            let raw = take_f32(&mut sections, &layer_name(il, "raw"))?;
-            let comp_rows = take_f32(&mut sections, &layer_name(il, "comp"))?;
-            let attn_compressor = take_compressor(&mut sections, il, "akv", "ascore", ar, aw)?;
-            let index_rows = take_f32(&mut sections, &layer_name(il, "index"))?;
-            let indexer_compressor = take_compressor(&mut sections, il, "ikv", "iscore", ir, iw)?;
-            if (aw != 0 && comp_rows.len() % aw != 0) || (iw != 0 && index_rows.len() % iw != 0)
-            {
+            let raw = take_f32(sections, &layer_name(il, "raw"))?;
+            let comp_rows = take_f32(sections, &layer_name(il, "comp"))?;
+            let attn_compressor = take_compressor(sections, il, "akv", "ascore", ar, aw)?;
+            let index_rows = take_f32(sections, &layer_name(il, "index"))?;
+            let indexer_compressor = take_compressor(sections, il, "ikv", "iscore", ir, iw)?;
+            if (aw != 0 && comp_rows.len() % aw != 0) || (iw != 0 && index_rows.len() % iw != 0) {
                 return Err(payload_err(format!("layer {il}: partial compressed rows")));
             }
             layers.push(LayerState {
@@ -149,11 +163,8 @@ impl FromSections for SessionState {
                 indexer_compressor,
             });
         }
-        if let Some(extra) = sections.0.first() {
-            return Err(payload_err(format!("unexpected section {}", extra.name)));
-        }
         Ok(SessionState {
-            tokens,
+            tokens: tokens.to_vec(),
             layers,
             logits,
         })
@@ -202,7 +213,8 @@ mod tests {
         for sec in s.sections() {
             owned.push(sec.name.into_owned(), sec.bytes.into_owned());
         }
-        let back = SessionState::from_sections(s.tokens.clone(), owned).expect("rebuild");
+        let back = SessionState::from_sections(&s.tokens, &mut owned).expect("rebuild");
+        assert!(owned.0.is_empty(), "every section used");
         assert_eq!(back.tokens, s.tokens);
         assert_eq!(bits(&back.logits), bits(&s.logits));
         assert_eq!(back.layers.len(), s.layers.len());
@@ -228,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_or_extra_sections_are_errors() {
+    fn missing_sections_are_errors_and_extra_ones_are_left() {
         let s = state();
         let mut owned = Sections::default();
         for sec in s.sections() {
@@ -237,14 +249,13 @@ mod tests {
         let mut missing = owned.clone();
         missing.take("L02.akv");
         assert!(matches!(
-            SessionState::from_sections(vec![1], missing),
+            SessionState::from_sections(&[1], &mut missing),
             Err(Error::Payload { .. })
         ));
         let mut extra = owned;
-        extra.push("zzz", vec![0; 4]);
-        assert!(matches!(
-            SessionState::from_sections(vec![1], extra),
-            Err(Error::Payload { .. })
-        ));
+        extra.push("ktm", vec![0; 4]);
+        SessionState::from_sections(&[1], &mut extra).expect("rebuild");
+        assert_eq!(extra.0.len(), 1);
+        assert_eq!(extra.get("ktm"), Some(&[0u8; 4][..]));
     }
 }

@@ -18,8 +18,8 @@
 //!   complete new file. Mutable fields live in the sidecar, never rewritten in place.
 //! * **Hard budget.** Before a temp file is written, the directory lock is taken, the real
 //!   usage is summed (temp files of other processes included, they are extended to their
-//!   final size at creation), and entries are evicted until the new file fits. Sidecars are
-//!   reserved for the same way. So the directory never exceeds the budget, even mid-write.
+//!   final size at creation), and entries are evicted until the new file fits. Sidecar
+//!   updates reserve room for their temp file the same way. So the directory never exceeds the budget, even mid-write.
 //! * **Orphans.** A temp file whose writer died is unlocked; any process that can take its
 //!   `flock` deletes it. Sidecars without an entry are deleted.
 //! * **Bad files.** Any entry that fails a check is deleted with a warning, once; it is never
@@ -45,7 +45,7 @@ use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result};
 use crate::format::{self, EntryMeta, ModelIdentity, SaveReason};
-use crate::payload::{FromSections, Payload};
+use crate::payload::{FromSections, Payload, Sections};
 use crate::policy::{self, Policy, ScoreInput};
 
 /// SHA-1 of an entry's key text.
@@ -211,6 +211,8 @@ pub struct Loaded<T> {
     pub tokens: Vec<u32>,
     /// The state rebuilt from the payload.
     pub state: T,
+    /// Payload sections the state did not take (e.g. a tool-id map stored beside it).
+    pub extra: Sections,
 }
 
 /// A save request: the live state at exactly `tokens.len()` tokens.
@@ -616,11 +618,10 @@ impl Store {
             .filter(|e| {
                 e.text_bytes <= prompt.len() as u64
                     && self.compatible(&e.identity)
-                    && self.cfg.policy.loadable(
-                        e.n_tokens as usize,
-                        e.ctx_size as usize,
-                        ctx,
-                    )
+                    && self
+                        .cfg
+                        .policy
+                        .loadable(e.n_tokens as usize, e.ctx_size as usize, ctx)
             })
             .map(|e| e.text_bytes)
             .collect::<HashSet<_>>()
@@ -659,9 +660,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Gone (evicted by another process): make the next lookup rescan.
                 self.lock_inner().generation = u64::MAX;
-                return Err(Error::NotFound {
-                    key: key_hex(key),
-                });
+                return Err(Error::NotFound { key: key_hex(key) });
             }
             Err(e) => return Err(e.into()),
         };
@@ -715,7 +714,8 @@ impl Store {
             last_used: 0,
             file_id: id,
         };
-        let state = match T::from_sections(decoded.tokens.clone(), decoded.sections) {
+        let mut extra = decoded.sections;
+        let state = match T::from_sections(&decoded.tokens, &mut extra) {
             Ok(s) => s,
             Err(e @ Error::Payload { .. }) => return Err(bad(e)),
             Err(e) => return Err(e),
@@ -726,6 +726,7 @@ impl Store {
             text: decoded.text,
             tokens: decoded.tokens,
             state,
+            extra,
         })
     }
 
@@ -770,12 +771,19 @@ impl Store {
             Ok(md) if file_id(&md) == id => {}
             _ => return Ok((hits, now)),
         }
-        if fs::symlink_metadata(&meta_path).is_err() {
-            // A new sidecar needs budget (twice: its temp exists until the rename).
-            if let Err(e) = self.make_room_locked(&mut inner, 2 * META_BYTES, Some(*key)) {
-                (self.warn)(&format!("hit count not recorded: {e}"));
-                return Ok((hits, now));
-            }
+        // Eviction needs a current index to see every file it may delete.
+        if self.read_generation()? != inner.generation {
+            self.rescan_locked(&mut inner)?;
+        }
+        // The sidecar's temp file exists until the rename; a new sidecar also stays.
+        let need = if fs::symlink_metadata(&meta_path).is_ok() {
+            META_BYTES
+        } else {
+            2 * META_BYTES
+        };
+        if let Err(e) = self.make_room_locked(&mut inner, need, Some(*key)) {
+            (self.warn)(&format!("hit count not recorded: {e}"));
+            return Ok((hits, now));
         }
         self.write_meta_locked(key, hits, now)?;
         if let Some(e) = inner.entries.get_mut(key) {
@@ -880,8 +888,7 @@ impl Store {
             let victim = match foreign {
                 Some(e) => e.key,
                 None => {
-                    let inputs: Vec<ScoreInput> =
-                        victims.iter().map(|e| e.score_input()).collect();
+                    let inputs: Vec<ScoreInput> = victims.iter().map(|e| e.score_input()).collect();
                     match policy::pick_victim(&inputs, now) {
                         Some(idx) => victims[idx].key,
                         None => {
@@ -1122,12 +1129,21 @@ mod tests {
         let hex = key_hex(&k);
         assert_eq!(classify(&format!("{hex}.rkv")), FileKind::Entry(k));
         assert_eq!(classify(&format!("{hex}.meta")), FileKind::Meta(k));
-        assert_eq!(classify(&format!("{hex}.rkv.tmp.12.3")), FileKind::EntryTemp);
-        assert_eq!(classify(&format!("{hex}.meta.tmp.12.3")), FileKind::MetaTemp);
+        assert_eq!(
+            classify(&format!("{hex}.rkv.tmp.12.3")),
+            FileKind::EntryTemp
+        );
+        assert_eq!(
+            classify(&format!("{hex}.meta.tmp.12.3")),
+            FileKind::MetaTemp
+        );
         assert_eq!(classify(".lock"), FileKind::Lock);
         assert_eq!(classify(&format!("{hex}.kv")), FileKind::Other);
         assert_eq!(classify("README"), FileKind::Other);
-        assert_eq!(classify("ééééééééééééééééééééééééééééééé.rkv"), FileKind::Other);
+        assert_eq!(
+            classify("ééééééééééééééééééééééééééééééé.rkv"),
+            FileKind::Other
+        );
         assert_eq!(parse_hex_key(&hex.to_uppercase()), Some(k));
     }
 }

@@ -29,9 +29,10 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+/// Median, min and max.
+fn median(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     v.sort();
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn read_all(path: &Path) -> (u64, Duration) {
@@ -67,9 +68,18 @@ fn bench_save_load_throughput() {
     let n_bytes = payload.n_bytes();
     let tokens: Vec<u32> = (0..30_000).collect();
     let text = vec![b'a'; 100_000];
-    println!("payload {:.1} MiB in {} sections, dir {}", n_bytes as f64 / 1048576.0, 44, base.display());
+    println!(
+        "payload {:.1} MiB in {} sections, dir {}",
+        n_bytes as f64 / 1048576.0,
+        44,
+        base.display()
+    );
 
-    let blob: Vec<u8> = payload.0.iter().flat_map(|s| s.bytes.iter().copied()).collect();
+    let blob: Vec<u8> = payload
+        .0
+        .iter()
+        .flat_map(|s| s.bytes.iter().copied())
+        .collect();
     let mut cfg = config(dir.path(), 8 << 30);
     cfg.policy.min_tokens = 1;
     let (store, _) = open(cfg);
@@ -167,19 +177,45 @@ fn bench_save_load_throughput() {
 
     let mib = n_bytes as f64 / 1048576.0;
     println!("medians of {reps} interleaved runs");
-    println!("| measurement | time | GB/s |");
+    println!("| measurement | median time | GB/s median (min..max) |");
     println!("|---|---:|---:|");
-    let row = |name: &str, d: Duration, b: u64| {
-        println!("| {name} | {:.3} s | {:.2} |", d.as_secs_f64(), gbps(b, d));
+    let row = |name: &str, (d, lo, hi): (Duration, Duration, Duration), b: u64| {
+        println!(
+            "| {name} | {:.3} s | {:.2} ({:.2}..{:.2}) |",
+            d.as_secs_f64(),
+            gbps(b, d),
+            gbps(b, hi),
+            gbps(b, lo)
+        );
     };
     row("raw write + fsync", median(t_raw_write), n_bytes);
-    row("raw read, cold (fadvise DONTNEED)", median(t_raw_cold), n_bytes);
+    row(
+        "raw read, cold (fadvise DONTNEED)",
+        median(t_raw_cold),
+        n_bytes,
+    );
     row("raw read, warm (page cache)", median(t_raw_warm), n_bytes);
-    row("store save (CRC, write, fsync, rename, dir fsync)", median(t_save), file_bytes);
-    row("store load, cold (read, CRC, verify, rebuild)", median(t_load_cold), file_bytes);
+    row(
+        "store save (CRC, write, fsync, rename, dir fsync)",
+        median(t_save),
+        file_bytes,
+    );
+    row(
+        "store load, cold (read, CRC, verify, rebuild)",
+        median(t_load_cold),
+        file_bytes,
+    );
     row("store load, warm", median(t_load_warm), file_bytes);
-    row("CRC-32 alone (one section, in memory)", crc_time, crc_bytes);
-    row("snapshot copy (clone of the payload)", snapshot_time, n_bytes);
+    row(
+        "CRC-32 alone (one section, in memory)",
+        (crc_time, crc_time, crc_time),
+        crc_bytes,
+    );
+    row(
+        "snapshot copy (clone of the payload)",
+        (snapshot_time, snapshot_time, snapshot_time),
+        n_bytes,
+    );
     println!(
         "background save of {mib:.0} MiB: submit {:.1} us, done after {:.2} s; \
          {n_steps} 1-ms steps meanwhile, worst {:.2} ms",

@@ -33,8 +33,14 @@ fn round_trip_and_longest_prefix() {
     let (store, warnings) = open(config(dir.path(), 64 << 20));
     let a = "<｜begin▁of▁sentence｜>system prompt";
     let ab = "<｜begin▁of▁sentence｜>system prompt<｜User｜>first question";
-    assert!(matches!(save(&store, a, 200_000), Ok(SaveOutcome::Written { .. })));
-    assert!(matches!(save(&store, ab, 300_000), Ok(SaveOutcome::Written { .. })));
+    assert!(matches!(
+        save(&store, a, 200_000),
+        Ok(SaveOutcome::Written { .. })
+    ));
+    assert!(matches!(
+        save(&store, ab, 300_000),
+        Ok(SaveOutcome::Written { .. })
+    ));
     // Saving the same text again writes nothing.
     assert!(matches!(
         save(&store, ab, 300_000),
@@ -49,7 +55,12 @@ fn round_trip_and_longest_prefix() {
     assert_eq!(hit.map(|h| h.entry.key), Some(key_of(a.as_bytes())));
     assert!(store.lookup(b"unrelated", 32768).expect("lookup").is_none());
     // A session with a smaller context cannot take these entries.
-    assert!(store.lookup(prompt.as_bytes(), 4096).expect("lookup").is_none());
+    assert!(
+        store
+            .lookup(prompt.as_bytes(), 4096)
+            .expect("lookup")
+            .is_none()
+    );
 
     let l = store
         .lookup_load::<Sections>(prompt.as_bytes(), 32768)
@@ -58,7 +69,9 @@ fn round_trip_and_longest_prefix() {
     assert_eq!(l.text, ab.as_bytes());
     check_loaded(&l, 300_000);
     assert_eq!(l.entry.hits, 1);
-    let l2 = store.load::<Sections>(&key_of(ab.as_bytes())).expect("load");
+    let l2 = store
+        .load::<Sections>(&key_of(ab.as_bytes()))
+        .expect("load");
     assert_eq!(l2.entry.hits, 2);
 
     // Hits survive a restart (sidecar), and a fresh index finds both entries.
@@ -98,9 +111,18 @@ fn check_bad_file(name: &str, damage: impl Fn(&mut Vec<u8>), expect: impl Fn(&Er
         other => panic!("{name}: expected BadFile, got {other:?}"),
     }
     assert!(!path.exists(), "{name}: bad file kept");
-    assert_eq!(warnings.lock().expect("lock").len(), 1, "{name}: one warning");
+    assert_eq!(
+        warnings.lock().expect("lock").len(),
+        1,
+        "{name}: one warning"
+    );
     // Never retried: the lookup no longer offers it.
-    assert!(store.lookup(text.as_bytes(), 32768).expect("lookup").is_none());
+    assert!(
+        store
+            .lookup(text.as_bytes(), 32768)
+            .expect("lookup")
+            .is_none()
+    );
     // The store carries on.
     save(&store, text, 100_000).expect("save again");
     let l = store.load::<Sections>(&key).expect("load again");
@@ -162,9 +184,10 @@ fn bad_files_found_at_open_are_deleted() {
     save(&store, "good entry text", 50_000).expect("save");
     save(&store, "soon truncated", 50_000).expect("save");
     drop(store);
-    let bad = dir
-        .path()
-        .join(format!("{}.rkv", ds4_kvcache::store::key_hex(&key_of(b"soon truncated"))));
+    let bad = dir.path().join(format!(
+        "{}.rkv",
+        ds4_kvcache::store::key_hex(&key_of(b"soon truncated"))
+    ));
     let b = fs::read(&bad).expect("read");
     fs::write(&bad, &b[..40]).expect("truncate");
     let empty = dir.path().join(format!("{}.rkv", "ab".repeat(20)));
@@ -191,7 +214,12 @@ fn other_model_is_refused_but_kept() {
         ..ID
     };
     let (store, _) = open(other);
-    assert!(store.lookup(text.as_bytes(), 32768).expect("lookup").is_none());
+    assert!(
+        store
+            .lookup(text.as_bytes(), 32768)
+            .expect("lookup")
+            .is_none()
+    );
     let e = store.load::<Sections>(&key).expect_err("other model");
     assert!(matches!(e, Error::ModelMismatch { .. }), "{e}");
     assert!(e.to_string().contains("another model"));
@@ -205,13 +233,26 @@ fn other_model_is_refused_but_kept() {
         ..ID
     };
     let (store, _) = open(quant.clone());
-    assert!(store.lookup(text.as_bytes(), 32768).expect("lookup").is_some());
-    check_loaded(&store.load::<Sections>(&key).expect("cross-quant load"), 10_000);
+    assert!(
+        store
+            .lookup(text.as_bytes(), 32768)
+            .expect("lookup")
+            .is_some()
+    );
+    check_loaded(
+        &store.load::<Sections>(&key).expect("cross-quant load"),
+        10_000,
+    );
     drop(store);
     // ... and refused with reject_different_quant.
     quant.policy.reject_different_quant = true;
     let (store, _) = open(quant);
-    assert!(store.lookup(text.as_bytes(), 32768).expect("lookup").is_none());
+    assert!(
+        store
+            .lookup(text.as_bytes(), 32768)
+            .expect("lookup")
+            .is_none()
+    );
     let e = store.load::<Sections>(&key).expect_err("other quant");
     assert!(matches!(e, Error::WeightsMismatch { .. }), "{e}");
     assert!(store.entry_path(&key).exists());
@@ -246,7 +287,9 @@ fn space_cap_holds_under_churn() {
         }
         // Loads create sidecars, which must fit as well.
         if i % 3 == 0 {
-            let l = store.lookup_load::<Sections>(text.as_bytes(), 32768).expect("load");
+            let l = store
+                .lookup_load::<Sections>(text.as_bytes(), 32768)
+                .expect("load");
             assert!(l.is_some(), "the newest entry is never the victim");
         }
         let usage = store.usage_bytes().expect("usage");
@@ -255,7 +298,12 @@ fn space_cap_holds_under_churn() {
         last = text;
     }
     assert!(n_evicted > 40, "churn evicted only {n_evicted}");
-    assert!(store.lookup(last.as_bytes(), 32768).expect("lookup").is_some());
+    assert!(
+        store
+            .lookup(last.as_bytes(), 32768)
+            .expect("lookup")
+            .is_some()
+    );
     assert!(names_with(dir.path(), ".tmp.").is_empty());
 }
 
@@ -282,7 +330,12 @@ fn eviction_prefers_cheap_unused_entries() {
         store.load::<Sections>(&key_of(b"popular")).expect("load");
     }
     save("newcomer").expect("save");
-    let keys: Vec<_> = store.entries().expect("entries").iter().map(|e| e.key).collect();
+    let keys: Vec<_> = store
+        .entries()
+        .expect("entries")
+        .iter()
+        .map(|e| e.key)
+        .collect();
     assert!(keys.contains(&key_of(b"popular")));
     assert!(keys.contains(&key_of(b"newcomer")));
     assert!(!keys.contains(&key_of(b"unused")));
@@ -339,11 +392,115 @@ fn two_stores_share_a_directory() {
     assert_eq!(a_entries.len(), on_disk);
     assert!(a.stats().n_rescans >= 2);
     // A stale hit (entry evicted after the lookup) is a clean miss, not an error.
-    let hit = a.lookup(b"written by b 3", 32768).expect("lookup").expect("hit");
+    let hit = a
+        .lookup(b"written by b 3", 32768)
+        .expect("lookup")
+        .expect("hit");
     b.remove(&hit.entry.key).expect("remove");
     assert!(matches!(
         a.load::<Sections>(&hit.entry.key),
         Err(Error::NotFound { .. })
     ));
-    assert!(a.lookup_load::<Sections>(b"written by b 3", 32768).expect("load").is_none());
+    assert!(
+        a.lookup_load::<Sections>(b"written by b 3", 32768)
+            .expect("load")
+            .is_none()
+    );
+}
+
+#[test]
+fn lookup_falls_back_to_a_shorter_prefix_when_the_longest_is_bad() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, warnings) = open(config(dir.path(), 64 << 20));
+    let short = "<｜User｜>shared system prompt";
+    let long = "<｜User｜>shared system prompt and a long conversation";
+    save(&store, short, 50_000).expect("save");
+    save(&store, long, 50_000).expect("save");
+    let path = store.entry_path(&key_of(long.as_bytes()));
+    let mut b = fs::read(&path).expect("read");
+    let at = b.len() / 2;
+    b[at] ^= 0x80;
+    fs::write(&path, &b).expect("write");
+
+    let prompt = format!("{long}<｜Assistant｜>");
+    let l = store
+        .lookup_load::<Sections>(prompt.as_bytes(), 32768)
+        .expect("load")
+        .expect("the shorter entry");
+    assert_eq!(l.text, short.as_bytes());
+    check_loaded(&l, 50_000);
+    assert!(!path.exists());
+    assert_eq!(
+        warnings.lock().expect("lock").len(),
+        2,
+        "delete + skip warnings"
+    );
+}
+
+#[test]
+fn session_state_round_trips_through_a_file() {
+    use ds4_model::SessionState;
+    use ds4_model::state::LayerState;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = open(config(dir.path(), 64 << 20));
+    let ratios = [0usize, 0, 4, 128, 4, 128];
+    let layers = ratios
+        .iter()
+        .enumerate()
+        .map(|(il, &r)| {
+            let mut l = LayerState::new(r, 16, 32, 8);
+            for (k, v) in l.raw.iter_mut().enumerate() {
+                *v = ((il * 7919 + k) as f32).sin();
+            }
+            if let Some(c) = l.attn_compressor.as_mut() {
+                c.state_kv[3] = 1.5;
+                c.state_score[0] = -2.0;
+            }
+            if r == 4 {
+                l.comp_rows = vec![0.25; 2 * 32];
+                l.index_rows = vec![-0.5; 2 * 8];
+            }
+            l
+        })
+        .collect();
+    let state = SessionState {
+        tokens: (0..600).collect(),
+        layers,
+        logits: (0..1000).map(|i| i as f32 * 0.001).collect(),
+    };
+    let text = "<｜begin▁of▁sentence｜>rendered prompt";
+    // A protocol layer's extra section (ds4's tool-id map) travels beside the state.
+    let mut ktm = Sections::default();
+    ktm.push("ktm", b"call_1 -> <dsml>".to_vec());
+    store
+        .save(&SaveRequest {
+            text: text.as_bytes(),
+            tokens: &state.tokens,
+            ctx_size: 4096,
+            reason: SaveReason::Cold,
+            payload: &(&state, &ktm),
+        })
+        .expect("save");
+    let l = store
+        .lookup_load::<SessionState>(format!("{text} more").as_bytes(), 4096)
+        .expect("load")
+        .expect("hit");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(l.state.tokens, state.tokens);
+    assert_eq!(l.extra, ktm);
+    assert_eq!(bits(&l.state.logits), bits(&state.logits));
+    for (a, b) in l.state.layers.iter().zip(&state.layers) {
+        assert_eq!(bits(&a.raw), bits(&b.raw));
+        assert_eq!(bits(&a.comp_rows), bits(&b.comp_rows));
+        assert_eq!(bits(&a.index_rows), bits(&b.index_rows));
+        assert_eq!(
+            a.attn_compressor.as_ref().map(|c| bits(&c.state_kv)),
+            b.attn_compressor.as_ref().map(|c| bits(&c.state_kv))
+        );
+        assert_eq!(
+            a.indexer_compressor.as_ref().map(|c| bits(&c.state_score)),
+            b.indexer_compressor.as_ref().map(|c| bits(&c.state_score))
+        );
+    }
 }

@@ -10,7 +10,10 @@
 //! `[out, in]` row-major matrix already is a GGUF `ne = [in, out]` tensor byte for byte.
 //!
 //! F32/F16/BF16 tensors are borrowed zero-copy from the memory-mapped files; stacked experts
-//! and `tid2eid` (I64 -> I32) are copied. FP8/FP4 checkpoint tensors are not supported here.
+//! and `tid2eid` (I64 -> I32) are copied. The official checkpoint's quantized tensors (FP8 E4M3
+//! `X.weight` + `X.scale`, routed experts as packed FP4 `I8` + `X.scale`) are dequantized to
+//! f32 first, bit-identically to transformers' loader ([`crate::hub_quant`]); the FP8 block
+//! size comes from `config.json` `quantization_config.weight_block_size` (default 128x128).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use ds4_tensor::{DType, HostTensor, Shape, TensorBytes};
 
 use crate::error::{Error, Result, tensor_err};
+use crate::hub_quant::{DEFAULT_FP8_BLOCK, ScaleDtype, Scales, dequant_fp4, dequant_fp8};
 use crate::weights::TensorSource;
 
 /// The tensors of a checkpoint directory, already renamed to GGUF names.
@@ -122,8 +126,16 @@ impl Checkpoint {
             });
         }
         let mut raw: HashMap<String, Raw> = HashMap::new();
+        let mut quant: HashMap<String, QuantRaw> = HashMap::new();
         for path in &files {
-            read_file(path, &mut raw)?;
+            read_file(path, &mut raw, &mut quant)?;
+        }
+        if quant
+            .values()
+            .any(|q| matches!(q.kind, QuantKind::E4M3 | QuantKind::Fp4))
+        {
+            let block = fp8_block(dir)?;
+            dequantize_hub(&mut raw, quant, block)?;
         }
         let mut ck = Checkpoint::default();
         let mut experts: HashMap<(usize, &'static str), Vec<(usize, Raw)>> = HashMap::new();
@@ -260,7 +272,125 @@ fn split_gate_up(name: &str, t: &Raw) -> Result<(HostTensor, HostTensor)> {
     Ok((mk(gate), mk(up)))
 }
 
-fn read_file(path: &Path, out: &mut HashMap<String, Raw>) -> Result<()> {
+/// The storage types of the hub checkpoint's quantized tensors and their scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuantKind {
+    /// `F8_E4M3` weight.
+    E4M3,
+    /// `I8` weight: packed FP4 E2M1, two codes per byte.
+    Fp4,
+    /// `F8_E8M0` (or `U8`) scale exponents.
+    E8M0,
+}
+
+/// One quantized tensor or E8M0 scale, before dequantization.
+struct QuantRaw {
+    kind: QuantKind,
+    dims: Vec<u64>,
+    bytes: TensorBytes,
+}
+
+/// The FP8 block of `config.json`'s `quantization_config.weight_block_size`, if any.
+fn fp8_block(dir: &Path) -> Result<[usize; 2]> {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return Ok(DEFAULT_FP8_BLOCK);
+    };
+    let bad = |what: &str| Error::Config {
+        key: "quantization_config.weight_block_size".into(),
+        what: what.into(),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(&format!("config.json: {e}")))?;
+    let Some(b) = json
+        .get("quantization_config")
+        .and_then(|q| q.get("weight_block_size"))
+    else {
+        return Ok(DEFAULT_FP8_BLOCK);
+    };
+    match b
+        .as_array()
+        .map(|a| a.iter().map(serde_json::Value::as_u64).collect::<Vec<_>>())
+    {
+        Some(v) if v.len() == 2 && v.iter().all(|x| x.is_some_and(|x| x > 0)) => {
+            Ok([v[0].unwrap_or(0) as usize, v[1].unwrap_or(0) as usize])
+        }
+        _ => Err(bad(&format!("expected two positive integers, got {b}"))),
+    }
+}
+
+/// Replaces every quantized `X.weight` (with its `X.scale`) by its f32 dequantization.
+fn dequantize_hub(
+    raw: &mut HashMap<String, Raw>,
+    mut quant: HashMap<String, QuantRaw>,
+    block: [usize; 2],
+) -> Result<()> {
+    let mut weights: Vec<String> = quant
+        .iter()
+        .filter(|(_, q)| q.kind != QuantKind::E8M0)
+        .map(|(n, _)| n.clone())
+        .collect();
+    weights.sort();
+    for name in weights {
+        let Some(w) = quant.remove(&name) else {
+            continue;
+        };
+        let Some(base) = name.strip_suffix(".weight") else {
+            return Err(tensor_err(&name, "quantized tensor not named *.weight"));
+        };
+        // The hub names the scale `X.scale`; transformers' own files say `X.weight_scale_inv`.
+        let candidates = [format!("{base}.scale"), format!("{base}.weight_scale_inv")];
+        let scales = if let Some(sn) = candidates.iter().find(|n| quant.contains_key(*n)) {
+            let s = quant
+                .remove(sn)
+                .ok_or_else(|| tensor_err(sn, "scale vanished"))?;
+            Scales::decode(sn, ScaleDtype::E8M0, &s.dims, s.bytes.as_slice())?
+        } else if let Some(sn) = candidates.iter().find(|n| raw.contains_key(*n)) {
+            let s = raw
+                .remove(sn)
+                .ok_or_else(|| tensor_err(sn, "scale vanished"))?;
+            let dtype = match s.dtype {
+                DType::F32 => ScaleDtype::F32,
+                DType::BF16 => ScaleDtype::BF16,
+                other => {
+                    return Err(tensor_err(sn, format!("unsupported scale dtype {other:?}")));
+                }
+            };
+            Scales::decode(sn, dtype, &s.dims, s.bytes.as_slice())?
+        } else {
+            return Err(tensor_err(
+                &name,
+                format!("{:?} weight without a sibling {base}.scale", w.kind),
+            ));
+        };
+        let (values, dims) = match w.kind {
+            QuantKind::E4M3 => (
+                dequant_fp8(&name, &w.dims, w.bytes.as_slice(), &scales, block)?,
+                w.dims.clone(),
+            ),
+            _ => {
+                let (v, d) = dequant_fp4(&name, &w.dims, w.bytes.as_slice(), &scales)?;
+                (v, d.to_vec())
+            }
+        };
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw.insert(
+            name,
+            Raw {
+                dtype: DType::F32,
+                dims,
+                i64_as_i32: None,
+                bytes: TensorBytes::Owned(Arc::new(bytes)),
+            },
+        );
+    }
+    Ok(())
+}
+
+fn read_file(
+    path: &Path,
+    out: &mut HashMap<String, Raw>,
+    quant: &mut HashMap<String, QuantRaw>,
+) -> Result<()> {
     let file = std::fs::File::open(path)?;
     // SAFETY: the map is read-only and the file is not modified while the model is loaded;
     // that is the contract of every memory-mapped model loader (ds4, llama.cpp).
@@ -276,6 +406,20 @@ fn read_file(path: &Path, out: &mut HashMap<String, Raw>) -> Result<()> {
         let data = view.data();
         let start = data.as_ptr() as usize - base;
         let range = start..start + data.len();
+        let kind = match view.dtype() {
+            safetensors::Dtype::F8_E4M3 => Some(QuantKind::E4M3),
+            safetensors::Dtype::I8 => Some(QuantKind::Fp4),
+            safetensors::Dtype::F8_E8M0 | safetensors::Dtype::U8 => Some(QuantKind::E8M0),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let bytes = TensorBytes::Mapped {
+                map: map.clone(),
+                range,
+            };
+            quant.insert(name, QuantRaw { kind, dims, bytes });
+            continue;
+        }
         let (dtype, i64_as_i32) = match view.dtype() {
             safetensors::Dtype::F32 => (DType::F32, None),
             safetensors::Dtype::F16 => (DType::F16, None),

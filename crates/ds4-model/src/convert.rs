@@ -1,4 +1,5 @@
-//! The converter: a Hugging Face checkpoint directory to a ds4-layout GGUF file.
+//! The converter: a Hugging Face checkpoint directory (or a ds4 GGUF, re-typed) to a
+//! ds4-layout GGUF file.
 //!
 //! It writes what ds4 (`ds4.c: config_validate_model`, `weights_validate_layout`) and our
 //! loader ([`crate::gguf`]) read: the `deepseek4.*` metadata of MODEL.md s1.4 with the value
@@ -33,8 +34,12 @@
 //!
 //! The file is streamed: the header is laid out first by [`GgufWriter`] (from the planned
 //! types and shapes alone), then each tensor is converted and appended, so memory stays at
-//! about one tensor. It is written to `OUT.tmp` and renamed at the end, so an error never
+//! about one tensor (plus whatever the source holds: [`Checkpoint`] stacks the per-expert
+//! tensors in memory). It is written to `OUT.tmp` and renamed at the end, so an error never
 //! leaves a partial `OUT`.
+//!
+//! Not handled: the FP8/FP4 tensors of the official hub checkpoint (the [`Checkpoint`] reader
+//! takes F32/F16/BF16/I32/I64 only), imatrix files, and MTP tensors (`mtp.*`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -544,12 +549,16 @@ pub fn plan(src: &dyn TensorSource, names: &[&str], preset: Preset) -> Result<Ve
 /// memory stays bounded for the embedding and output head of the full model.
 const SLAB_VALUES: u64 = 64 << 20;
 
+/// The largest finite F16 value.
+const F16_MAX: f32 = 65504.0;
+
 /// Encodes the values of `t` as `dtype`, exactly as ds4's imatrix-less converter does.
 ///
 /// Each expert matrix of a 3-D tensor (and each bounded group of rows of a 2-D one) is decoded
 /// to f32 and quantized row by row, rows in parallel. IQ2_XXS rows are weighed by the column
 /// energy of their whole expert matrix (ds4's synthetic importance); Q2_K and Q4_K use the
-/// unweighted reference search. I32 is copied as is.
+/// unweighted reference search. I32 is copied as is. A value that F16 cannot hold (NaN,
+/// infinite, or beyond 65504) is an error naming the tensor when F16 is asked for.
 pub fn encode_tensor(t: &HostTensor, dtype: DType) -> Result<Vec<u8>> {
     let err = |e: ds4_quant::Error| tensor_err(&t.name, e.to_string());
     if dtype == DType::I32 || t.dtype == DType::I32 {
@@ -598,6 +607,15 @@ pub fn encode_tensor(t: &HostTensor, dtype: DType) -> Result<Vec<u8>> {
     for slab in data.chunks(src_row * slab_rows as usize) {
         x.resize(slab.len() / src_row * n_cols, 0.0f32);
         ds4_quant::row::dequantize(t.dtype, slab, &mut x).map_err(err)?;
+        if dtype == DType::F16 {
+            // A value beyond F16's range would silently become infinite.
+            if let Some(v) = x.iter().find(|v| !v.is_finite() || v.abs() > F16_MAX) {
+                return Err(tensor_err(
+                    &t.name,
+                    format!("value {v} does not fit F16 (|x| <= {F16_MAX})"),
+                ));
+            }
+        }
         let importance = (dtype == DType::Iq2Xxs)
             .then(|| ds4_quant::iq2_xxs_quantize::column_energy(&x, n_cols));
         // Groups of rows per rayon task: enough work to amortize the task, few enough
@@ -877,7 +895,11 @@ fn write_file(
 ) -> Result<()> {
     let head = layout_head(metadata, tensors)?;
     let align = ds4_tensor::gguf::DEFAULT_ALIGNMENT;
-    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
+    let file = std::fs::File::create(path).map_err(|e| Error::Load {
+        path: path.display().to_string(),
+        what: format!("cannot create the output file: {e}"),
+    })?;
+    let mut file = std::io::BufWriter::with_capacity(8 << 20, file);
     file.write_all(&head)?;
     progress(Progress::Start {
         n_tensors: tensors.len(),
@@ -915,4 +937,109 @@ fn write_file(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_fit(want: DType, ne0: u64, expected: DType) {
+        assert_eq!(fit_dtype(want, ne0), expected, "{want} with ne[0] = {ne0}");
+    }
+
+    #[test]
+    fn fallback_chain() {
+        check_fit(DType::Iq2Xxs, 4096, DType::Iq2Xxs);
+        check_fit(DType::Iq2Xxs, 2048, DType::Iq2Xxs);
+        check_fit(DType::Q2K, 96, DType::Q8_0);
+        check_fit(DType::Q4K, 24, DType::F16);
+        check_fit(DType::Q8_0, 64, DType::Q8_0);
+        check_fit(DType::Q8_0, 48, DType::F16);
+        check_fit(DType::F16, 3, DType::F16);
+        check_fit(DType::F32, 3, DType::F32);
+        check_fit(DType::I32, 6, DType::I32);
+    }
+
+    #[test]
+    fn roles_follow_formats_s3() {
+        let check = |name: &str, role: Role| assert_eq!(super::role(name), Some(role), "{name}");
+        check("token_embd.weight", Role::F16Matrix);
+        check("output.weight", Role::Q8Matrix);
+        check("output_hc_scale.weight", Role::Vector);
+        check("blk.12.hc_attn_fn.weight", Role::F16Matrix);
+        check("blk.2.indexer.attn_q_b.weight", Role::F16Matrix);
+        check("blk.2.indexer_compressor_norm.weight", Role::Vector);
+        check("blk.0.ffn_gate_tid2eid.weight", Role::Ids);
+        check("blk.7.exp_probs_b.bias", Role::Vector);
+        check("blk.42.ffn_up_exps.weight", Role::RoutedGateUp);
+        check("blk.42.ffn_down_exps.weight", Role::RoutedDown);
+        check("blk.3.ffn_down_shexp.weight", Role::Q8Matrix);
+        assert_eq!(role("blk.3.unknown.weight"), None);
+        assert_eq!(role("mtp.0.e_proj.weight"), None);
+    }
+
+    #[test]
+    fn preset_types() {
+        use Role::*;
+        let row = |p: Preset| {
+            [Vector, Ids, F16Matrix, Q8Matrix, RoutedGateUp, RoutedDown].map(|r| p.dtype(r))
+        };
+        assert_eq!(
+            row(Preset::F16),
+            [
+                DType::F32,
+                DType::I32,
+                DType::F16,
+                DType::F16,
+                DType::F16,
+                DType::F16
+            ]
+        );
+        assert_eq!(
+            row(Preset::Q8),
+            [
+                DType::F32,
+                DType::I32,
+                DType::F16,
+                DType::Q8_0,
+                DType::Q8_0,
+                DType::Q8_0
+            ]
+        );
+        assert_eq!(
+            row(Preset::Q4),
+            [
+                DType::F32,
+                DType::I32,
+                DType::F16,
+                DType::Q8_0,
+                DType::Q4K,
+                DType::Q4K
+            ]
+        );
+        assert_eq!(
+            row(Preset::Q2),
+            [
+                DType::F32,
+                DType::I32,
+                DType::F16,
+                DType::Q8_0,
+                DType::Iq2Xxs,
+                DType::Q2K
+            ]
+        );
+    }
+
+    #[test]
+    fn f16_overflow_is_an_error() {
+        let t = HostTensor::from_f32(
+            "blk.0.ffn_gate_inp.weight",
+            &[2, 2],
+            &[1.0, 7.0e4, 0.0, 1.0],
+        );
+        let e = encode_tensor(&t, DType::F16).expect_err("70000 does not fit F16");
+        assert!(e.to_string().contains("ffn_gate_inp"), "{e}");
+        let ok = HostTensor::from_f32("x", &[2, 2], &[1.0, 6.0e4, 0.0, -1.0]);
+        assert_eq!(encode_tensor(&ok, DType::F16).expect("fits").len(), 8);
+    }
 }

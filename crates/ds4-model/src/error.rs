@@ -60,6 +60,17 @@ pub enum Error {
     /// An I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The tokenizer could not be built or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// Text was needed but the model came without a tokenizer.
+    #[error(
+        "model {model} has no tokenizer (no tokenizer.ggml.* metadata in the GGUF, no tokenizer.json next to the checkpoint); token ids work, text does not"
+    )]
+    NoTokenizer {
+        /// The model path or name.
+        model: String,
+    },
 }
 
 /// Result with [`Error`].

@@ -12,6 +12,7 @@
 //! Modules, in reading order:
 //! - [`config`]: the model shape from GGUF metadata or `config.json`, validated once;
 //! - [`weights`]: every tensor bound by its GGUF name; [`checkpoint`] and [`gguf`] feed it;
+//! - [`hub_quant`]: FP8/FP4 dequantization of the official hub checkpoint's tensors;
 //! - [`numerics`]: RoPE/YaRN frequencies, FP8/FP4 simulation, Hadamard, top-k;
 //! - [`state`]: per-layer decoding state (raw ring, compressor frontiers, compressed rows);
 //! - [`forward`]: the forward pass, once, against `ds4_tensor::backend::Backend`;
@@ -36,16 +37,22 @@ pub mod cpu;
 pub mod error;
 pub mod forward;
 pub mod gguf;
+pub mod hub_quant;
 pub mod numerics;
 pub mod session;
 pub mod state;
+pub mod synthetic;
 pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
 pub use session::{LoadOptions, Model, Session, SessionState};
+pub use engine::Engine;
 
 pub mod chat;
 pub mod dsml;
 pub mod sampling;
 pub mod tokenizer;
+pub mod demo;
+pub mod engine;
+pub mod generate;

@@ -103,6 +103,43 @@ pub fn round_e2m1(y: f32) -> f32 {
     E2M1_GRID[best].copysign(y)
 }
 
+/// Decodes one E4M3FN byte (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+/// infinities, `0x7F`/`0xFF` are NaN), the value set of MODEL.md s3.1.3. Exact in f32; `0x80` is
+/// `-0.0`, as torch's `float8_e4m3fn -> float32` cast gives.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = u32::from(b >> 7) << 31;
+    let exp = u32::from((b >> 3) & 0xF);
+    let man = u32::from(b & 7);
+    if exp == 15 && man == 7 {
+        return f32::NAN;
+    }
+    let mag = if exp == 0 {
+        // Subnormals: man * 2^-9, exact.
+        man as f32 * exp2i(-9)
+    } else {
+        // (1 + man/8) * 2^(exp-7): rebias the exponent, move the mantissa to the top.
+        f32::from_bits(((exp + 127 - 7) << 23) | (man << 20))
+    };
+    f32::from_bits(mag.to_bits() | sign)
+}
+
+/// Decodes one E2M1 code (low 4 bits: sign in bit 3, then the index into
+/// `{0, 0.5, 1, 1.5, 2, 3, 4, 6}`, MODEL.md s3.1.4). Code 8 is `-0.0`.
+pub fn e2m1_to_f32(code: u8) -> f32 {
+    let v = E2M1_GRID[usize::from(code & 7)];
+    if code & 8 != 0 { -v } else { v }
+}
+
+/// Decodes one UE8M0 (`float8_e8m0fnu`) scale byte: `2^(b - 127)`, exact in f32 (byte 0 is the
+/// subnormal `2^-127`); byte 255 is NaN.
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    match b {
+        255 => f32::NAN,
+        0 => f32::from_bits(1 << 22),
+        _ => f32::from_bits(u32::from(b) << 23),
+    }
+}
+
 /// Power-of-two block scale `2^ceil(log2(amax/qmax))` with an amax floor.
 fn block_scale(block: &[f32], floor: f32, qmax: f32) -> f32 {
     let amax = block.iter().fold(floor, |m, v| m.max(v.abs()));

@@ -168,6 +168,21 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// The context size (most tokens this session holds).
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// The model this session evaluates.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Forgets every evaluated token: back to the state of [`Session::new`].
+    pub fn reset(&mut self) {
+        *self = Session::new(self.model, self.n_ctx);
+    }
+
     /// Number of tokens evaluated so far (the next token's position).
     pub fn n_past(&self) -> usize {
         self.st.tokens.len()

@@ -893,6 +893,19 @@ impl Tokenizer {
         Some(&self.piece_bytes[self.piece_offsets[i] as usize..self.piece_offsets[i + 1] as usize])
     }
 
+    /// The vocabulary string of a token as stored in `tokenizer.json` / GGUF: literal text
+    /// for added tokens, the byte-level alphabet (`Ġ` for a space, `Ċ` for a newline)
+    /// otherwise. `None` if out of range.
+    pub fn vocab_string(&self, id: u32) -> Option<String> {
+        let bytes = self.token_to_piece(id)?;
+        if self.is_added(id) {
+            return Some(String::from_utf8_lossy(bytes).into_owned());
+        }
+        static TABLE: OnceLock<[char; 256]> = OnceLock::new();
+        let table = TABLE.get_or_init(byte_to_char_table);
+        Some(bytes.iter().map(|&b| table[b as usize]).collect())
+    }
+
     /// Decodes ids to bytes (may be invalid UTF-8 if the ids split a character).
     pub fn decode(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::new();

@@ -106,8 +106,18 @@ fn no_sim() -> LoadOptions {
 
 #[test]
 fn metadata_round_trips_to_the_same_config() {
-    for dir in fixture_dirs() {
-        let cfg = hf_config(&dir);
+    let mut configs: Vec<(String, Config)> = fixture_dirs()
+        .iter()
+        .map(|d| (fixture_name(d), hf_config(d)))
+        .collect();
+    // Variants the fixtures do not cover: no YaRN, no bos/eos ids, the wide test model.
+    let mut plain = configs[0].1.clone();
+    plain.rope_yarn = None;
+    plain.bos_token_id = None;
+    plain.eos_token_id = None;
+    configs.push(("no yarn, no bos/eos".into(), plain));
+    configs.push(("wide".into(), wide_config()));
+    for (dir, cfg) in configs {
         let mut w = GgufWriter::new();
         for (k, v) in convert::config_metadata(&cfg, "tiny") {
             w.add(&k, v).expect("metadata");
@@ -116,7 +126,7 @@ fn metadata_round_trips_to_the_same_config() {
         let file = GgufFile::from_bytes(&bytes).expect("read back");
         let mut back = Config::from_gguf(&file).expect("from_gguf");
         back.validate().expect("valid");
-        assert_eq!(back, cfg, "{}", dir.display());
+        assert_eq!(back, cfg, "{dir}");
     }
 }
 
@@ -579,6 +589,38 @@ fn kl_median_max(reference: &[f32], test: &[f32], n_vocab: usize) -> (f64, f64) 
     (kl[kl.len() / 2], kl[kl.len() - 1])
 }
 
+/// One row of the KL table.
+struct KlRow {
+    model: String,
+    preset: Preset,
+    mean: f64,
+    median: f64,
+    max: f64,
+    /// Types of the routed gate/up/down tensors, when reported.
+    experts: Vec<String>,
+}
+
+impl KlRow {
+    fn new(
+        model: &str,
+        preset: Preset,
+        want: &[f32],
+        got: &[f32],
+        n_vocab: usize,
+        experts: Vec<String>,
+    ) -> KlRow {
+        let (median, max) = kl_median_max(want, got, n_vocab);
+        KlRow {
+            model: model.to_string(),
+            preset,
+            mean: mean_kl(want, got, n_vocab),
+            median,
+            max,
+            experts,
+        }
+    }
+}
+
 const PROMPT_LEN: usize = 48;
 
 /// Shorter for the wide model, whose forward pass is four times the work.
@@ -795,7 +837,7 @@ fn random_model(cfg: &Config, seed: u64) -> MapSource {
 }
 
 /// Logits of the random wide model in f32 (the reference) and through each preset's file.
-fn wide_kl(presets: &[Preset]) -> Vec<(String, Preset, f64, Vec<String>, (f64, f64))> {
+fn wide_kl(presets: &[Preset]) -> Vec<KlRow> {
     let scratch = Scratch::new("wide");
     let cfg = wide_config();
     let src = random_model(&cfg, 4000);
@@ -833,13 +875,19 @@ fn wide_kl(presets: &[Preset]) -> Vec<(String, Preset, f64, Vec<String>, (f64, f
                 t.dtype.name().to_string()
             })
             .collect();
+        if let Some(keep) = std::env::var_os("DS4_CONVERT_KEEP") {
+            // For one-off checks with other readers (gguf-py): keep the files.
+            std::fs::copy(&out, Path::new(&keep).join(format!("wide-{preset}.gguf")))
+                .expect("copy to DS4_CONVERT_KEEP");
+        }
         let (got, v) = logits(&out, &tokens);
-        rows.push((
-            "w256 (random)".to_string(),
+        rows.push(KlRow::new(
+            "w256 (random)",
             preset,
-            mean_kl(&want, &got, v),
+            &want,
+            &got,
+            v,
             expert_types,
-            kl_median_max(&want, &got, v),
         ));
     }
     rows
@@ -850,16 +898,16 @@ fn wide_kl(presets: &[Preset]) -> Vec<(String, Preset, f64, Vec<String>, (f64, f
 #[test]
 fn wide_model_uses_k_and_iq_types() {
     let rows = wide_kl(&[Preset::Q8, Preset::Q4, Preset::Q2]);
-    for (model, preset, kl, types, _) in &rows {
-        println!("{model} {preset}: mean KL {kl:.3e}, experts {types:?}");
+    for r in &rows {
+        println!(
+            "{} {}: mean KL {:.3e}, experts {:?}",
+            r.model, r.preset, r.mean, r.experts
+        );
     }
-    assert_eq!(
-        rows[0].3,
-        ["q8_0", "q8_0", "q8_0"].map(|s| s.to_uppercase())
-    );
-    assert_eq!(rows[1].3, ["Q4_K", "Q4_K", "Q4_K"]);
-    assert_eq!(rows[2].3, ["IQ2_XXS", "IQ2_XXS", "Q2_K"]);
-    let (q8, q4, q2) = (rows[0].2, rows[1].2, rows[2].2);
+    assert_eq!(rows[0].experts, ["Q8_0", "Q8_0", "Q8_0"]);
+    assert_eq!(rows[1].experts, ["Q4_K", "Q4_K", "Q4_K"]);
+    assert_eq!(rows[2].experts, ["IQ2_XXS", "IQ2_XXS", "Q2_K"]);
+    let (q8, q4, q2) = (rows[0].mean, rows[1].mean, rows[2].mean);
     assert!(
         q8 < q4 && q4 < q2,
         "KL not ordered: q8 {q8}, q4 {q4}, q2 {q2}"
@@ -967,7 +1015,7 @@ fn output_does_not_depend_on_threads() {
 }
 
 /// Mean KL per preset and model against the checkpoint (BF16 weights, f32 compute).
-fn kl_table(presets: &[Preset]) -> Vec<(String, Preset, f64, (f64, f64))> {
+fn kl_table(presets: &[Preset]) -> Vec<KlRow> {
     let scratch = Scratch::new("kl");
     let mut rows = Vec::new();
     for dir in fixture_dirs() {
@@ -977,11 +1025,13 @@ fn kl_table(presets: &[Preset]) -> Vec<(String, Preset, f64, (f64, f64))> {
         for &preset in presets {
             let (path, _) = convert_fixture(&dir, preset, &scratch.0);
             let (got, _) = logits(&path, &tokens);
-            rows.push((
-                fixture_name(&dir),
+            rows.push(KlRow::new(
+                &fixture_name(&dir),
                 preset,
-                mean_kl(&want, &got, v),
-                kl_median_max(&want, &got, v),
+                &want,
+                &got,
+                v,
+                Vec::new(),
             ));
             let _ = std::fs::remove_file(&path);
         }
@@ -996,7 +1046,13 @@ const KL_BOUND: f64 = 0.01;
 
 #[test]
 fn quantized_presets_stay_close_to_the_checkpoint() {
-    for (model, preset, kl, _) in kl_table(&[Preset::Q8, Preset::Q2]) {
+    for KlRow {
+        model,
+        preset,
+        mean: kl,
+        ..
+    } in kl_table(&[Preset::Q8, Preset::Q2])
+    {
         println!("{model} {preset}: mean KL {kl:.3e}");
         assert!(kl.is_finite() && kl >= -1e-12, "{model} {preset}: KL {kl}");
         assert!(
@@ -1011,13 +1067,18 @@ fn quantized_presets_stay_close_to_the_checkpoint() {
 fn presets_kl_table() {
     println!("| model | preset | routed gate/up/down | mean KL | median KL | max KL |");
     println!("|---|---|---|---:|---:|---:|");
-    for (model, preset, kl, (med, max)) in kl_table(&Preset::ALL) {
-        println!("| {model} | {preset} | (see text) | {kl:.2e} | {med:.2e} | {max:.2e} |");
-    }
-    for (model, preset, kl, types, (med, max)) in wide_kl(&Preset::ALL) {
+    for r in kl_table(&Preset::ALL)
+        .into_iter()
+        .chain(wide_kl(&Preset::ALL))
+    {
+        let experts = if r.experts.is_empty() {
+            "(see text)".to_string()
+        } else {
+            r.experts.join("/")
+        };
         println!(
-            "| {model} | {preset} | {} | {kl:.2e} | {med:.2e} | {max:.2e} |",
-            types.join("/")
+            "| {} | {} | {experts} | {:.2e} | {:.2e} | {:.2e} |",
+            r.model, r.preset, r.mean, r.median, r.max
         );
     }
 }

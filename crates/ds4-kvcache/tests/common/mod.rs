@@ -73,7 +73,9 @@ pub fn bytes(mut x: u64, n: usize) -> Vec<u8> {
 /// The tokens stored for a text.
 pub fn tokens_for(text: &[u8]) -> Vec<u32> {
     let n = 8 + (seed_of(text) % 64) as usize;
-    (0..n as u32).map(|i| i.wrapping_mul(2654435761) % 129280).collect()
+    (0..n as u32)
+        .map(|i| i.wrapping_mul(2654435761) % 129280)
+        .collect()
 }
 
 /// The payload stored for a text: two sections, `size` bytes in all.
