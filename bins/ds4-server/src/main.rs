@@ -78,7 +78,11 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match run(args) {
@@ -92,9 +96,16 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     if args.backend != "cpu" {
-        bail!("backend {:?} is not available in this build (only cpu)", args.backend);
+        bail!(
+            "backend {:?} is not available in this build (only cpu)",
+            args.backend
+        );
     }
-    if let Some(t) = args.threads.or_else(|| std::env::var("DS4_THREADS").ok().and_then(|v| v.parse().ok())) {
+    if let Some(t) = args.threads.or_else(|| {
+        std::env::var("DS4_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) {
         // SAFETY: single-threaded here: no other thread exists yet to read the environment.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
     }
@@ -111,7 +122,11 @@ fn run(args: Args) -> Result<()> {
         max_queue: args.max_queue as usize,
         max_connections: args.max_connections as usize,
         default_max_tokens: args.tokens as usize,
-        tool_memory_max_ids: if args.disable_exact_replay { 0 } else { args.tool_memory_max_ids },
+        tool_memory_max_ids: if args.disable_exact_replay {
+            0
+        } else {
+            args.tool_memory_max_ids
+        },
         trace: args.trace.clone(),
         ..ServerConfig::default()
     };
@@ -178,7 +193,8 @@ fn load(model: Option<PathBuf>, n_ctx: usize) -> Result<ModelEngine> {
     let engine = match model {
         Some(p) => {
             eprintln!("ds4-server: loading model {}", p.display());
-            ds4_model::Engine::load(&p, &opts).with_context(|| format!("loading {}", p.display()))?
+            ds4_model::Engine::load(&p, &opts)
+                .with_context(|| format!("loading {}", p.display()))?
         }
         None if default.exists() => {
             eprintln!("ds4-server: loading model ./ds4flash.gguf");

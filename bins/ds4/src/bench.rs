@@ -228,14 +228,19 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
         rows.push(r);
     }
-    println!("peak RSS {:.1} MiB", status_bytes("VmHWM:").map_or(f64::NAN, mib));
+    println!(
+        "peak RSS {:.1} MiB",
+        status_bytes("VmHWM:").map_or(f64::NAN, mib)
+    );
     if let Some(csv) = &args.csv {
         let mut f = std::fs::File::create(csv).with_context(|| format!("{}", csv.display()))?;
         writeln!(
             f,
             "engine,model,threads,ctx,prefill_s,prefill_tps,gen,decode_s,decode_tps"
         )?;
-        let name = path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        let name = path
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
         for r in &rows {
             writeln!(
                 f,

@@ -62,7 +62,9 @@ impl<'e> Chat<'e> {
 
     fn set_mode(&mut self, mode: ThinkingMode) -> &'static str {
         let mode = if mode == ThinkingMode::Max && self.ctx < THINK_MAX_MIN_CTX {
-            eprintln!("ds4: warning: /think-max needs /ctx >= {THINK_MAX_MIN_CTX}; using normal thinking");
+            eprintln!(
+                "ds4: warning: /think-max needs /ctx >= {THINK_MAX_MIN_CTX}; using normal thinking"
+            );
             ThinkingMode::High
         } else {
             mode
@@ -73,7 +75,9 @@ impl<'e> Chat<'e> {
         if had_prefix != (mode == ThinkingMode::Max) {
             // The Think-Max prefix sits right after BOS: rebuild the head (the session is
             // re-read from scratch on the next turn).
-            let rest = self.transcript.split_off(old_head.min(self.transcript.len()));
+            let rest = self
+                .transcript
+                .split_off(old_head.min(self.transcript.len()));
             self.transcript = self.head();
             self.transcript.extend(rest);
         }
@@ -91,7 +95,8 @@ impl<'e> Chat<'e> {
         self.transcript.extend(self.tok.encode(text, false));
         self.transcript.push(sp.assistant);
         let thinking = self.mode != ThinkingMode::None;
-        self.transcript.push(if thinking { sp.think } else { sp.think_end });
+        self.transcript
+            .push(if thinking { sp.think } else { sp.think_end });
         cancel.store(false, Ordering::SeqCst);
         let opts = GenOptions {
             sampling: args.sampling(),
@@ -136,14 +141,6 @@ fn history_path() -> PathBuf {
 /// Runs the interactive chat until `/quit` or Ctrl+D.
 pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
     let tok = engine.tokenizer()?.as_ref();
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let c = cancel.clone();
-        // Ctrl+C while generating: stop at the next token (the prompt itself reads keys
-        // in raw mode, where Ctrl+C is a key, not a signal).
-        ctrlc::set_handler(move || c.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl+C handler")?;
-    }
     let ctx = args.ctx as usize;
     let mut chat = Chat {
         tok,
@@ -158,12 +155,24 @@ pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
     chat.transcript = chat.head();
 
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        // Ctrl+C while generating: stop at the next token. The prompt itself reads keys in
+        // raw mode, where Ctrl+C is a key, not a signal. Installed after the editor on
+        // purpose: rustyline takes SIGINT over when it opens the terminal, and ours must win.
+        ctrlc::set_handler(move || c.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl+C handler")?;
+    }
     let history = history_path();
     let _ = rl.set_max_history_size(512);
     // A missing history file is normal on first use.
     let _ = rl.load_history(&history);
     if std::io::stdout().is_terminal() {
-        println!("ds4 interactive chat with {}. /help for commands.", engine.name);
+        println!(
+            "ds4 interactive chat with {}. /help for commands.",
+            engine.name
+        );
     }
     println!("{HELP}");
     loop {
@@ -211,7 +220,9 @@ pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
                         Ok(n) if n > 0 => {
                             chat.ctx = n;
                             chat.session = Session::new(&chat.engine.model, n);
-                            println!("Context: {n} tokens (the conversation is re-read next turn).");
+                            println!(
+                                "Context: {n} tokens (the conversation is re-read next turn)."
+                            );
                         }
                         _ => eprintln!("ds4: /ctx needs a positive number"),
                     }

@@ -233,7 +233,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let engine = load_engine(args)?;
     if let Some(file) = &args.dump_logprobs {
         let Some(text) = prompt else {
-            return Err(usage("--dump-logprobs needs a prompt (-p or --prompt-file)"));
+            return Err(usage(
+                "--dump-logprobs needs a prompt (-p or --prompt-file)",
+            ));
         };
         return dump_logprobs(args, &engine, &text, file);
     }
@@ -252,9 +254,20 @@ fn check_backend(b: BackendArg) -> Result<()> {
     match probe {
         Ok(()) => bail!(
             "--backend {}: the backend is present but ds4 cannot run models on it yet; use --backend cpu",
-            if b == BackendArg::Cuda { "cuda" } else { "metal" }
+            if b == BackendArg::Cuda {
+                "cuda"
+            } else {
+                "metal"
+            }
         ),
-        Err(msg) => bail!("--backend {}: {msg}", if b == BackendArg::Cuda { "cuda" } else { "metal" }),
+        Err(msg) => bail!(
+            "--backend {}: {msg}",
+            if b == BackendArg::Cuda {
+                "cuda"
+            } else {
+                "metal"
+            }
+        ),
     }
 }
 
@@ -434,11 +447,7 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 // One-shot generation
 
 /// Token ids of a one-shot prompt (API.md §2.3) and whether it ends in thinking mode.
-pub fn one_shot_prompt(
-    args: &RunArgs,
-    tok: &Tokenizer,
-    text: &str,
-) -> Result<(Vec<u32>, bool)> {
+pub fn one_shot_prompt(args: &RunArgs, tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, bool)> {
     if text.starts_with(BOS_TEXT) {
         let ids = tok.encode(text, true);
         let thinking = ids.last() == Some(&tok.specials().think);
@@ -604,7 +613,11 @@ impl Printer {
             return;
         }
         self.in_reasoning = false;
-        let nl = if self.last_reason == Some(b'\n') { "" } else { "\n" };
+        let nl = if self.last_reason == Some(b'\n') {
+            ""
+        } else {
+            "\n"
+        };
         if self.stdout_tty {
             self.out(&format!("{nl}{RESET}"));
             self.last_out = Some(b'\n');
@@ -737,6 +750,10 @@ fn dump_logprobs(args: &RunArgs, engine: &Engine, text: &str, file: &Path) -> Re
     });
     std::fs::write(file, serde_json::to_vec(&doc)?)
         .with_context(|| format!("writing {}", file.display()))?;
-    eprintln!("ds4: wrote {} logprob steps to {}", steps.len(), file.display());
+    eprintln!(
+        "ds4: wrote {} logprob steps to {}",
+        steps.len(),
+        file.display()
+    );
     Ok(())
 }

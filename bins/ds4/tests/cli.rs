@@ -70,8 +70,60 @@ fn dump_tokens_matches_hf_tokenizers() {
 }
 
 #[test]
+fn gguf_tokenizer_metadata_is_used_and_its_absence_is_reported() {
+    use ds4_tensor::gguf::{GgufWriter, OwnedValue};
+    // A GGUF holding only the tokenizer arrays (converted from the official
+    // tokenizer.json by `ds4 convert`'s code): --dump-tokens reads no weights.
+    let json = ds4_model::demo::tokenizer_json().expect("embedded tokenizer.json");
+    let mut w = GgufWriter::new();
+    w.add("general.name", OwnedValue::String("tokenizer only".into()))
+        .expect("metadata");
+    let n_vocab = ds4_model::tokenizer::DS4_N_VOCAB;
+    for (k, v) in ds4_model::convert::tokenizer_metadata(&json, n_vocab).expect("arrays") {
+        w.add(&k, v).expect("metadata");
+    }
+    let path = scratch("gguf").join("tok.gguf");
+    std::fs::write(&path, w.to_bytes().expect("gguf bytes")).expect("write gguf");
+    let enc: Json = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tokenizer/encode.json"))
+            .expect("encode.json"),
+    )
+    .expect("JSON");
+    let case = &enc["cases"][94];
+    let t = case["text"].as_str().expect("text");
+    let p = path.to_str().expect("utf-8 path");
+    let out = ds4(&["-m", p, "--dump-tokens", "--json", "-p", t]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: Json = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(got["ids"], case["ids_special"]);
+
+    // A checkpoint without tokenizer.json: token ids work, text fails with a clear message.
+    let ckpt = root().join("tests/fixtures/model/m0_mixed/checkpoint");
+    let out = ds4(&[
+        "-m",
+        ckpt.to_str().expect("utf-8"),
+        "--no-qat-sim",
+        "-p",
+        "hi",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no tokenizer"), "{err}");
+}
+
+#[test]
 fn one_shot_on_demo_model_is_deterministic() {
-    let args = ["-p", "Hello", "-n", "8", "--temp", "0", "--nothink", "--ctx", "512"];
+    let args = [
+        "-p",
+        "Hello",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "--nothink",
+        "--ctx",
+        "512",
+    ];
     let a = ds4(&args);
     assert!(a.status.success(), "{}", text(&a.stderr));
     let b = ds4(&args);
@@ -79,7 +131,10 @@ fn one_shot_on_demo_model_is_deterministic() {
     assert_eq!(a.stdout, b.stdout);
     let err = text(&a.stderr);
     assert!(err.contains("demo model"), "{err}");
-    assert!(err.contains("generation:") && err.contains("8 tokens"), "{err}");
+    assert!(
+        err.contains("generation:") && err.contains("8 tokens"),
+        "{err}"
+    );
     // Seeded sampling is reproducible too; thinking output goes to stderr when piped.
     let args = ["-p", "Hi", "-n", "6", "--seed", "42", "--ctx", "512"];
     let a = ds4(&args);
@@ -93,7 +148,9 @@ fn read_npy(path: &Path) -> (Vec<usize>, Vec<u8>, String) {
     let b = std::fs::read(path).expect("npy");
     assert_eq!(&b[..6], b"\x93NUMPY");
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let header = std::str::from_utf8(&b[10..10 + hlen]).expect("header").to_string();
+    let header = std::str::from_utf8(&b[10..10 + hlen])
+        .expect("header")
+        .to_string();
     let shape_txt = header
         .split("'shape': (")
         .nth(1)
@@ -139,7 +196,13 @@ fn dump_logits_matches_transformers() {
         let out_path = dir.join(format!("{tag}.npy"));
         let out_s = out_path.to_str().expect("utf-8 path");
         let mut args = vec![
-            "-m", ckpt, "--no-qat-sim", "--prompt-tokens", &ids, "--dump-logits", out_s,
+            "-m",
+            ckpt,
+            "--no-qat-sim",
+            "--prompt-tokens",
+            &ids,
+            "--dump-logits",
+            out_s,
         ];
         args.extend_from_slice(extra);
         let out = ds4(&args);
@@ -150,10 +213,7 @@ fn dump_logits_matches_transformers() {
         let v = rshape[1];
         for (t, (g, r)) in got.chunks(v).zip(reference.chunks(v)).enumerate() {
             let scale = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let diff = g
-                .iter()
-                .zip(r)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = g.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 diff <= 1e-4 * scale,
                 "{tag}: position {t}: max diff {diff} vs max |ref| {scale}"
@@ -184,7 +244,13 @@ fn unavailable_backend_and_bad_flags_fail_cleanly() {
     let out = ds4(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for flag in ["--dump-logits", "--nothink", "--min-p", "[default: 0.05]", "inspect"] {
+    for flag in [
+        "--dump-logits",
+        "--nothink",
+        "--min-p",
+        "[default: 0.05]",
+        "inspect",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
@@ -205,7 +271,11 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        text(&self.cmd(&["capture-pane", "-p", "-t", "t", "-S", "-200"]).stdout)
+        text(
+            &self
+                .cmd(&["capture-pane", "-p", "-t", "t", "-S", "-200"])
+                .stdout,
+        )
     }
 
     fn wait_for(&self, what: &str, count: usize) -> String {
@@ -230,24 +300,60 @@ impl Drop for Tmux {
     }
 }
 
-#[test]
-fn interactive_chat_through_a_terminal() {
+/// Starts `ds4 ARGS` (demo model) in a detached tmux session, or None without tmux.
+fn tmux_ds4(tag: &str, args: &str) -> Option<Tmux> {
     if Command::new("tmux").arg("-V").output().is_err() {
         eprintln!("SKIPPED: tmux is not installed (apt-get install tmux)");
-        return;
+        return None;
     }
     let tmux = Tmux {
-        socket: format!("ds4-cli-test-{}", std::process::id()),
+        socket: format!("ds4-cli-test-{}-{tag}", std::process::id()),
     };
-    let home = scratch("tmux-home");
     let cmd = format!(
-        "cd {} && HOME={} {} -n 6 --temp 0 --nothink --ctx 1024; echo DS4-EXITED-$?; sleep 30",
+        "cd {} && HOME={} {} {args}; echo DS4-EXITED-$?; sleep 30",
         scratch("tmux").display(),
-        home.display(),
+        scratch("tmux-home").display(),
         env!("CARGO_BIN_EXE_ds4")
     );
-    let out = tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "50", &cmd]);
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "200",
+        "-y",
+        "50",
+        &cmd,
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    Some(tmux)
+}
+
+#[test]
+fn ctrl_c_stops_generation_and_returns_to_the_prompt() {
+    let Some(tmux) = tmux_ds4("ctrlc", "-n 100000 --temp 0 --nothink --ctx 4096") else {
+        return;
+    };
+    tmux.wait_for("ds4>", 1);
+    tmux.cmd(&["send-keys", "-t", "t", "Tell me a long story", "Enter"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    tmux.cmd(&["send-keys", "-t", "t", "C-c"]);
+    tmux.wait_for("interrupted", 1);
+    tmux.wait_for("ds4>", 2);
+    // Ctrl+C at the prompt is ignored; /quit leaves with status 0.
+    tmux.cmd(&["send-keys", "-t", "t", "C-c"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux.cmd(&["send-keys", "-t", "t", "/quit", "Enter"]);
+    let s = tmux.wait_for("DS4-EXITED-", 1);
+    assert!(s.contains("DS4-EXITED-0"), "{s}");
+}
+
+#[test]
+fn interactive_chat_through_a_terminal() {
+    let Some(tmux) = tmux_ds4("chat", "-n 6 --temp 0 --nothink --ctx 1024") else {
+        return;
+    };
     tmux.wait_for("ds4>", 1);
     tmux.cmd(&["send-keys", "-t", "t", "Hello there", "Enter"]);
     // The answer is followed by the statistics line and a new prompt (capture-pane

@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
 use crate::openai::{apply_tool_choice, body_bytes, content_text, parse_json};
-use crate::request::{self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present};
+use crate::request::{
+    self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present,
+};
 use crate::server::AppState;
 use crate::worker::WorkerMsg;
 
@@ -35,7 +37,7 @@ const F: Flavor = Flavor::Anthropic;
 #[derive(Debug, Deserialize)]
 struct MessageIn {
     role: String,
-    content: Value,
+    content: Box<RawValue>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -86,7 +88,10 @@ fn parse_tools(tools: Option<Vec<Box<RawValue>>>) -> Result<Vec<(String, String)
         if let Some(d) = &t.description {
             text.push_str(&format!(",\"description\":{}", json!(d)));
         }
-        let schema = t.input_schema.as_ref().map_or("{\"type\":\"object\",\"properties\":{}}", |s| s.get());
+        let schema = t
+            .input_schema
+            .as_ref()
+            .map_or("{\"type\":\"object\",\"properties\":{}}", |s| s.get());
         text.push_str(&format!(",\"parameters\":{schema}}}"));
         out.push((t.name, text));
     }
@@ -104,14 +109,29 @@ fn system_text(v: Option<&Value>) -> Result<Option<String>, ApiError> {
                     Value::String(s) => parts.push(s.clone()),
                     Value::Object(o) => match o.get("text") {
                         Some(Value::String(t)) => parts.push(t.clone()),
-                        _ => return Err(ApiError::bad_request(F, "system blocks must be text blocks")),
+                        _ => {
+                            return Err(ApiError::bad_request(
+                                F,
+                                "system blocks must be text blocks",
+                            ));
+                        }
                     },
-                    _ => return Err(ApiError::bad_request(F, "system must be a string or text blocks")),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            F,
+                            "system must be a string or text blocks",
+                        ));
+                    }
                 }
             }
             parts
         }
-        Some(_) => return Err(ApiError::bad_request(F, "system must be a string or text blocks")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                F,
+                "system must be a string or text blocks",
+            ));
+        }
     };
     let mut out = String::new();
     for p in parts.into_iter().filter(|p| !p.starts_with("x-anthropic-")) {
@@ -123,31 +143,64 @@ fn system_text(v: Option<&Value>) -> Result<Option<String>, ApiError> {
     Ok(Some(out))
 }
 
-fn blocks(content: &Value, i: usize) -> Result<Vec<serde_json::Map<String, Value>>, ApiError> {
-    match content {
-        Value::String(s) => Ok(vec![serde_json::Map::from_iter([
+/// A content block as a JSON map, plus the raw text of its `input` (tool_use), so tool
+/// arguments keep the client's key order (a `Value` map would sort them).
+type BlockIn = (serde_json::Map<String, Value>, Option<String>);
+
+fn text_block(s: String) -> BlockIn {
+    (
+        serde_json::Map::from_iter([
             ("type".to_string(), json!("text")),
             ("text".to_string(), json!(s)),
-        ])]),
-        Value::Array(a) => a
-            .iter()
-            .map(|b| match b {
-                Value::Object(o) => Ok(o.clone()),
-                Value::String(s) => Ok(serde_json::Map::from_iter([
-                    ("type".to_string(), json!("text")),
-                    ("text".to_string(), json!(s)),
-                ])),
-                _ => Err(ApiError::bad_request(F, format!("messages[{i}].content: blocks must be objects"))),
-            })
-            .collect(),
-        _ => Err(ApiError::bad_request(F, format!("messages[{i}].content must be a string or an array of blocks"))),
-    }
+        ]),
+        None,
+    )
 }
 
-fn str_field<'a>(b: &'a serde_json::Map<String, Value>, k: &str, i: usize) -> Result<&'a str, ApiError> {
-    b.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_request(F, format!("messages[{i}]: block needs a string {k:?}")))
+fn blocks(content: &RawValue, i: usize) -> Result<Vec<BlockIn>, ApiError> {
+    #[derive(Deserialize)]
+    struct InputOnly {
+        input: Option<Box<RawValue>>,
+    }
+    let bad = || {
+        ApiError::bad_request(
+            F,
+            format!("messages[{i}].content must be a string or an array of blocks"),
+        )
+    };
+    if let Ok(s) = serde_json::from_str::<String>(content.get()) {
+        return Ok(vec![text_block(s)]);
+    }
+    let raws: Vec<Box<RawValue>> = serde_json::from_str(content.get()).map_err(|_| bad())?;
+    raws.iter()
+        .map(|raw| {
+            if let Ok(s) = serde_json::from_str::<String>(raw.get()) {
+                return Ok(text_block(s));
+            }
+            let map: serde_json::Map<String, Value> =
+                serde_json::from_str(raw.get()).map_err(|_| {
+                    ApiError::bad_request(
+                        F,
+                        format!("messages[{i}].content: blocks must be objects"),
+                    )
+                })?;
+            let input = serde_json::from_str::<InputOnly>(raw.get())
+                .ok()
+                .and_then(|o| o.input)
+                .map(|r| r.get().to_string());
+            Ok((map, input))
+        })
+        .collect()
+}
+
+fn str_field<'a>(
+    b: &'a serde_json::Map<String, Value>,
+    k: &str,
+    i: usize,
+) -> Result<&'a str, ApiError> {
+    b.get(k).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request(F, format!("messages[{i}]: block needs a string {k:?}"))
+    })
 }
 
 fn convert_messages(state: &AppState, msgs: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -157,21 +210,29 @@ fn convert_messages(state: &AppState, msgs: Vec<MessageIn>) -> Result<Vec<ChatMe
         match m.role.as_str() {
             "user" => {
                 let mut text: Option<String> = None;
-                for b in bl {
+                for (b, _) in bl {
                     match b.get("type").and_then(Value::as_str).unwrap_or("") {
-                        "text" => text.get_or_insert_default().push_str(str_field(&b, "text", i)?),
+                        "text" => text
+                            .get_or_insert_default()
+                            .push_str(str_field(&b, "text", i)?),
                         "tool_result" => {
                             if let Some(t) = text.take() {
                                 out.push(ChatMessage::new(Role::User, t));
                             }
                             let id = str_field(&b, "tool_use_id", i)?.to_string();
-                            let body = content_text(b.get("content"), F, &format!("messages[{i}].tool_result.content"))?;
+                            let body = content_text(
+                                b.get("content"),
+                                F,
+                                &format!("messages[{i}].tool_result.content"),
+                            )?;
                             out.push(ChatMessage::tool_result(id, body));
                         }
                         other => {
                             return Err(ApiError::bad_request(
                                 F,
-                                format!("messages[{i}]: content block type {other:?} is not supported in user messages"),
+                                format!(
+                                    "messages[{i}]: content block type {other:?} is not supported in user messages"
+                                ),
                             ));
                         }
                     }
@@ -182,29 +243,44 @@ fn convert_messages(state: &AppState, msgs: Vec<MessageIn>) -> Result<Vec<ChatMe
             }
             "assistant" => {
                 let mut cm = ChatMessage::new(Role::Assistant, "");
-                for b in bl {
+                for (b, raw_input) in bl {
                     match b.get("type").and_then(Value::as_str).unwrap_or("") {
                         "text" => cm.content.push_str(str_field(&b, "text", i)?),
-                        "thinking" => cm.reasoning.get_or_insert_default().push_str(str_field(&b, "thinking", i)?),
+                        "thinking" => cm
+                            .reasoning
+                            .get_or_insert_default()
+                            .push_str(str_field(&b, "thinking", i)?),
                         "redacted_thinking" => {}
                         "tool_use" => cm.tool_calls.push(ToolCall {
                             id: Some(str_field(&b, "id", i)?.to_string()),
                             name: str_field(&b, "name", i)?.to_string(),
-                            arguments: b.get("input").map_or_else(|| "{}".to_string(), Value::to_string),
+                            // Raw text: the client's key order, not a sorted map.
+                            arguments: raw_input.clone().unwrap_or_else(|| "{}".to_string()),
                         }),
                         other => {
                             return Err(ApiError::bad_request(
                                 F,
-                                format!("messages[{i}]: content block type {other:?} is not supported in assistant messages"),
+                                format!(
+                                    "messages[{i}]: content block type {other:?} is not supported in assistant messages"
+                                ),
                             ));
                         }
                     }
                 }
-                let ids: Vec<&str> = cm.tool_calls.iter().filter_map(|c| c.id.as_deref()).collect();
+                let ids: Vec<&str> = cm
+                    .tool_calls
+                    .iter()
+                    .filter_map(|c| c.id.as_deref())
+                    .collect();
                 cm.raw_tool_block = state.tool_memory.block_for(&ids);
                 out.push(cm);
             }
-            other => return Err(ApiError::bad_request(F, format!("messages[{i}]: role must be user or assistant, got {other:?}"))),
+            other => {
+                return Err(ApiError::bad_request(
+                    F,
+                    format!("messages[{i}]: role must be user or assistant, got {other:?}"),
+                ));
+            }
         }
     }
     Ok(out)
@@ -230,8 +306,15 @@ fn build(state: &AppState, req: MessagesRequest) -> Result<Job, ApiError> {
         .output_config
         .and_then(|o| o.effort)
         .or(req.reasoning_effort);
-    let mode = request::resolve_thinking(&model, &ThinkingControls { thinking: req.thinking, think: None, effort })
-        .map_err(|m| ApiError::bad_request(F, m))?;
+    let mode = request::resolve_thinking(
+        &model,
+        &ThinkingControls {
+            thinking: req.thinking,
+            think: None,
+            effort,
+        },
+    )
+    .map_err(|m| ApiError::bad_request(F, m))?;
     let tools = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
     let mut msgs = Vec::new();
     if let Some(s) = system_text(req.system.as_ref())? {
@@ -248,13 +331,24 @@ fn build(state: &AppState, req: MessagesRequest) -> Result<Job, ApiError> {
     let prompt = chat::render(&msgs, &copts);
     let effective = copts.effective_thinking();
     let sampling = request::sampling(
-        &SamplingFields { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, min_p: None, seed: None },
+        &SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: None,
+            seed: None,
+        },
         effective,
     )
     .map_err(|(m, _)| ApiError::bad_request(F, m))?;
     let opts = GenOptions {
         sampling,
-        stop: req.stop_sequences.unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
+        stop: req
+            .stop_sequences
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect(),
         thinking: effective != ThinkingMode::None,
         tools: !tools.is_empty(),
         ..GenOptions::default()
@@ -303,26 +397,42 @@ fn new_tool_id() -> String {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Block {
-    Thinking { thinking: String, signature: String },
-    Text { text: String },
-    ToolUse { id: String, name: String, input: Box<RawValue> },
+    Thinking {
+        thinking: String,
+        signature: String,
+    },
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Box<RawValue>,
+    },
 }
 
 /// `POST /v1/messages`.
-pub async fn messages(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn messages(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match messages_inner(state, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn messages_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn messages_inner(
+    state: AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
     let req: MessagesRequest = parse_json(&bytes, F)?;
     let job = build(&state, req)?;
     let stops = job.opts.stop.clone();
     let prompt_text = state.tracing().then(|| job.prompt.to_text());
-    let prepared = request::enqueue(&state, F, "messages", job.prompt, job.max_tokens, job.opts).await?;
+    let prepared =
+        request::enqueue(&state, F, "messages", job.prompt, job.max_tokens, job.opts).await?;
     let id = format!("msg_{}", request::random_hex(12));
     if job.stream {
         let proj = MessageStream {
@@ -336,7 +446,7 @@ async fn messages_inner(state: AppState, body: Result<Bytes, BytesRejection>) ->
             tool_ids: Vec::new(),
             trace: prompt_text.map(|p| (bytes.to_vec(), p)),
         };
-        return Ok(request::sse_response(prepared.job, proj));
+        return Ok(request::sse_response(&state, prepared.job, proj));
     }
     let res = request::collect(prepared.job).await;
     if let Some(p) = &prompt_text {
@@ -346,10 +456,15 @@ async fn messages_inner(state: AppState, body: Result<Bytes, BytesRejection>) ->
     let o = &g.outcome;
     let mut content = Vec::new();
     if !o.reasoning.is_empty() {
-        content.push(Block::Thinking { thinking: o.reasoning.clone(), signature: id.clone() });
+        content.push(Block::Thinking {
+            thinking: o.reasoning.clone(),
+            signature: id.clone(),
+        });
     }
     if !o.content.is_empty() || o.tool_calls.is_empty() {
-        content.push(Block::Text { text: o.content.clone() });
+        content.push(Block::Text {
+            text: o.content.clone(),
+        });
     }
     let mut ids = Vec::new();
     for c in &o.tool_calls {
@@ -357,7 +472,11 @@ async fn messages_inner(state: AppState, body: Result<Bytes, BytesRejection>) ->
         ids.push(tid.clone());
         let input = RawValue::from_string(c.arguments.clone())
             .unwrap_or_else(|_| RawValue::from_string("{}".into()).expect("valid JSON"));
-        content.push(Block::ToolUse { id: tid, name: c.name.clone(), input });
+        content.push(Block::ToolUse {
+            id: tid,
+            name: c.name.clone(),
+            input,
+        });
     }
     if let Some(block) = &g.tool_block {
         state.tool_memory.remember(&ids, block);
@@ -367,26 +486,47 @@ async fn messages_inner(state: AppState, body: Result<Bytes, BytesRejection>) ->
         "{{\"id\":{},\"type\":\"message\",\"role\":\"assistant\",\"model\":{},\"content\":{},\"stop_reason\":{},\"stop_sequence\":{},\"usage\":{}}}",
         json!(id),
         json!(job.model),
-        serde_json::to_string(&content).map_err(|e| ApiError::new(F, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        serde_json::to_string(&content).map_err(|e| ApiError::new(
+            F,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string()
+        ))?,
         json!(reason),
         json!(seq),
         usage_json(&g),
     );
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// `POST /v1/messages/count_tokens`: the real prompt token count.
-pub async fn count_tokens(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let bytes = body_bytes(body, F)?;
         let req: MessagesRequest = parse_json(&bytes, F)?;
         let job = build(&state, req)?;
         let Some(engine) = state.engine() else {
-            return Err(ApiError::new(F, StatusCode::SERVICE_UNAVAILABLE, "model is loading"));
+            return Err(ApiError::new(
+                F,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model is loading",
+            ));
         };
         let n = tokio::task::spawn_blocking(move || engine.tokenize(&job.prompt).map(|t| t.len()))
             .await
-            .map_err(|_| ApiError::new(F, StatusCode::INTERNAL_SERVER_ERROR, "tokenizer task failed"))?
+            .map_err(|_| {
+                ApiError::new(
+                    F,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "tokenizer task failed",
+                )
+            })?
             .map_err(|e| ApiError::new(F, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         Ok(axum::Json(json!({"input_tokens": n})).into_response())
     };
@@ -423,10 +563,16 @@ impl MessageStream {
         if let Some(open) = self.open.take() {
             let idx = self.next_index - 1;
             if open == Open::Thinking {
-                out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": idx,
-                    "delta": {"type": "signature_delta", "signature": self.id}})));
+                out.push(ev(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": idx,
+                    "delta": {"type": "signature_delta", "signature": self.id}}),
+                ));
             }
-            out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": idx})));
+            out.push(ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": idx}),
+            ));
         }
         if let Some(k) = kind {
             out.push(ev("content_block_start", json!({"type": "content_block_start", "index": self.next_index, "content_block": start})));
@@ -436,18 +582,24 @@ impl MessageStream {
     }
 
     fn delta(&self, delta: Value) -> SseEvent {
-        ev("content_block_delta", json!({"type": "content_block_delta", "index": self.next_index - 1, "delta": delta}))
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": self.next_index - 1, "delta": delta}),
+        )
     }
 }
 
 impl Projector for MessageStream {
     fn start(&mut self) -> Vec<SseEvent> {
         vec![
-            ev("message_start", json!({"type": "message_start", "message": {
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": null, "stop_sequence": null,
                 "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0,
-                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})),
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}}),
+            ),
             ev("ping", json!({"type": "ping"})),
         ]
     }
@@ -458,35 +610,53 @@ impl Projector for MessageStream {
             WorkerMsg::Progress(..) => {}
             WorkerMsg::Event(Event::Reasoning(t)) => {
                 if self.open != Some(Open::Thinking) {
-                    self.switch(Some(Open::Thinking), json!({"type": "thinking", "thinking": "", "signature": ""}), &mut out);
+                    self.switch(
+                        Some(Open::Thinking),
+                        json!({"type": "thinking", "thinking": "", "signature": ""}),
+                        &mut out,
+                    );
                 }
                 out.push(self.delta(json!({"type": "thinking_delta", "thinking": t})));
             }
             WorkerMsg::Event(Event::Content(t)) => {
                 if self.open != Some(Open::Text) {
-                    self.switch(Some(Open::Text), json!({"type": "text", "text": ""}), &mut out);
+                    self.switch(
+                        Some(Open::Text),
+                        json!({"type": "text", "text": ""}),
+                        &mut out,
+                    );
                 }
                 out.push(self.delta(json!({"type": "text_delta", "text": t})));
             }
             WorkerMsg::Event(Event::ToolCallStart { name, .. }) => {
                 let id = new_tool_id();
                 self.tool_ids.push(id.clone());
-                self.switch(Some(Open::Tool), json!({"type": "tool_use", "id": id, "name": name, "input": {}}), &mut out);
+                self.switch(
+                    Some(Open::Tool),
+                    json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                    &mut out,
+                );
             }
             WorkerMsg::Event(Event::ToolCallArgs { delta, .. }) => {
                 if self.open == Some(Open::Tool) {
-                    out.push(self.delta(json!({"type": "input_json_delta", "partial_json": delta})));
+                    out.push(
+                        self.delta(json!({"type": "input_json_delta", "partial_json": delta})),
+                    );
                 }
             }
             WorkerMsg::Event(_) => {}
             WorkerMsg::Finished(res) => {
                 if let Some((raw, p)) = &self.trace {
-                    self.state.trace(&request::trace_text("messages", raw, p, &res));
+                    self.state
+                        .trace(&request::trace_text("messages", raw, p, &res));
                 }
                 match res {
                     Err(e) => {
                         self.switch(None, Value::Null, &mut out);
-                        out.push(ev("error", json!({"type": "error", "error": {"type": "api_error", "message": e}})));
+                        out.push(ev(
+                            "error",
+                            json!({"type": "error", "error": {"type": "api_error", "message": e}}),
+                        ));
                     }
                     Ok(g) => {
                         let o = &g.outcome;
@@ -494,12 +664,24 @@ impl Projector for MessageStream {
                         for c in o.tool_calls.iter().skip(self.tool_ids.len()) {
                             let id = new_tool_id();
                             self.tool_ids.push(id.clone());
-                            self.switch(Some(Open::Tool), json!({"type": "tool_use", "id": id, "name": c.name, "input": {}}), &mut out);
-                            out.push(self.delta(json!({"type": "input_json_delta", "partial_json": c.arguments})));
+                            self.switch(
+                                Some(Open::Tool),
+                                json!({"type": "tool_use", "id": id, "name": c.name, "input": {}}),
+                                &mut out,
+                            );
+                            out.push(self.delta(
+                                json!({"type": "input_json_delta", "partial_json": c.arguments}),
+                            ));
                         }
-                        if self.next_index == 0 || (self.open == Some(Open::Thinking) && o.tool_calls.is_empty()) {
+                        if self.next_index == 0
+                            || (self.open == Some(Open::Thinking) && o.tool_calls.is_empty())
+                        {
                             // Never an empty message; a thinking-only answer gets an empty text block.
-                            self.switch(Some(Open::Text), json!({"type": "text", "text": ""}), &mut out);
+                            self.switch(
+                                Some(Open::Text),
+                                json!({"type": "text", "text": ""}),
+                                &mut out,
+                            );
                         }
                         self.switch(None, Value::Null, &mut out);
                         let n = self.tool_ids.len().min(o.tool_calls.len());

@@ -83,7 +83,12 @@ impl ApiError {
 
     /// The prompt does not fit in the context (`prompt_tokens >= n_ctx`: generation needs
     /// at least one free slot).
-    pub fn context_exceeded(flavor: Flavor, param: &str, n_prompt: usize, n_ctx: usize) -> ApiError {
+    pub fn context_exceeded(
+        flavor: Flavor,
+        param: &str,
+        n_prompt: usize,
+        n_ctx: usize,
+    ) -> ApiError {
         let mut e = ApiError::bad_request(
             flavor,
             format!(

@@ -153,10 +153,15 @@ impl Engine for FakeEngine {
         // Stop strings cut the content where the first one starts (the real loop holds
         // back a possible partial stop string; the fake knows the whole text up front).
         let mut content = script.content.clone();
-        let mut stop_hit = false;
-        if let Some(i) = opts.stop.iter().filter_map(|s| content.find(s.as_str())).min() {
+        let mut stop_hit = None;
+        if let Some((i, s)) = opts
+            .stop
+            .iter()
+            .filter_map(|s| content.find(s.as_str()).map(|i| (i, s)))
+            .min_by_key(|(i, _)| *i)
+        {
             content.truncate(i);
-            stop_hit = true;
+            stop_hit = Some(s.clone());
         }
         steps.extend(pieces(&content).into_iter().map(|p| (false, p)));
         let mut stopped = false;
@@ -185,7 +190,9 @@ impl Engine for FakeEngine {
             out.content.push_str(&piece);
             on_event(Event::Content(piece));
         }
-        if stop_hit && !stopped {
+        if let Some(s) = stop_hit.filter(|_| !stopped) {
+            // The raw text holds the stop string, as the real loop's decoded tokens do.
+            raw.push_str(&s);
             finish = FinishReason::StopString;
             stopped = true;
         }

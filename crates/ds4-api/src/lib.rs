@@ -19,8 +19,9 @@
 //! - [`worker`]: the bounded queue and the one inference thread, cancellation;
 //! - [`request`]: what every generation endpoint shares: thinking modes, sampling,
 //!   ids, the tool-call replay memory;
-//! - [`openai`]: `/v1/chat/completions` and `/v1/completions`;
-//! - [`anthropic`]: `/v1/messages`;
+//! - [`openai`], the endpoints `/v1/chat/completions` and `/v1/completions`;
+//! - [`anthropic`], the endpoint `/v1/messages`;
+//! - [`responses`], the endpoint `/v1/responses` (Codex CLI);
 //! - [`metrics`]: Prometheus counters;
 //! - [`server`]: configuration, router, middleware (auth, CORS), health, models, serving
 //!   with a connection cap and graceful shutdown.
@@ -34,6 +35,7 @@ pub mod fake;
 pub mod metrics;
 pub mod openai;
 pub mod request;
+pub mod responses;
 pub mod server;
 pub mod worker;
 

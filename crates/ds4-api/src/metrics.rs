@@ -83,44 +83,137 @@ impl Metrics {
     }
 
     /// Prometheus text with the current gauges.
-    pub fn render(&self, queue_depth: usize, live_tokens: usize, n_ctx: usize, ready: bool) -> String {
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        live_tokens: usize,
+        n_ctx: usize,
+        ready: bool,
+    ) -> String {
         let mut s = String::new();
         let g = |o: &AtomicU64| o.load(Ordering::Relaxed);
         let f = |o: &AtomicU64| f64::from_bits(o.load(Ordering::Relaxed));
-        let _ = writeln!(s, "# HELP ds4_requests_total HTTP requests answered, by endpoint and status.");
+        let _ = writeln!(
+            s,
+            "# HELP ds4_requests_total HTTP requests answered, by endpoint and status."
+        );
         let _ = writeln!(s, "# TYPE ds4_requests_total counter");
-        for ((ep, st), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(s, "ds4_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}");
+        for ((ep, st), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "ds4_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}"
+            );
         }
         let counters: [(&str, &str, u64); 9] = [
-            ("ds4_generations_total", "Generations run by the worker.", g(&self.generations)),
-            ("ds4_generations_cancelled_total", "Generations cancelled (client gone, shutdown).", g(&self.cancelled)),
-            ("ds4_queue_rejected_total", "Requests refused with 429 because the queue was full.", g(&self.rejected_queue_full)),
-            ("ds4_prompt_tokens_total", "Prompt tokens of finished generations.", g(&self.prompt_tokens)),
-            ("ds4_prompt_cached_tokens_total", "Prompt tokens reused from the live session.", g(&self.cached_tokens)),
-            ("ds4_completion_tokens_total", "Generated tokens (reasoning included).", g(&self.completion_tokens)),
-            ("ds4_reasoning_tokens_total", "Generated reasoning tokens.", g(&self.reasoning_tokens)),
-            ("ds4_prefill_tokens_total", "Prompt tokens actually prefilled.", g(&self.prefill_tokens)),
-            ("ds4_decode_tokens_total", "Tokens decoded.", g(&self.decode_tokens)),
+            (
+                "ds4_generations_total",
+                "Generations run by the worker.",
+                g(&self.generations),
+            ),
+            (
+                "ds4_generations_cancelled_total",
+                "Generations cancelled (client gone, shutdown).",
+                g(&self.cancelled),
+            ),
+            (
+                "ds4_queue_rejected_total",
+                "Requests refused with 429 because the queue was full.",
+                g(&self.rejected_queue_full),
+            ),
+            (
+                "ds4_prompt_tokens_total",
+                "Prompt tokens of finished generations.",
+                g(&self.prompt_tokens),
+            ),
+            (
+                "ds4_prompt_cached_tokens_total",
+                "Prompt tokens reused from the live session.",
+                g(&self.cached_tokens),
+            ),
+            (
+                "ds4_completion_tokens_total",
+                "Generated tokens (reasoning included).",
+                g(&self.completion_tokens),
+            ),
+            (
+                "ds4_reasoning_tokens_total",
+                "Generated reasoning tokens.",
+                g(&self.reasoning_tokens),
+            ),
+            (
+                "ds4_prefill_tokens_total",
+                "Prompt tokens actually prefilled.",
+                g(&self.prefill_tokens),
+            ),
+            (
+                "ds4_decode_tokens_total",
+                "Tokens decoded.",
+                g(&self.decode_tokens),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         let secs: [(&str, &str, u64); 3] = [
-            ("ds4_prefill_seconds_total", "Seconds spent in prefill.", g(&self.prefill_micros)),
-            ("ds4_decode_seconds_total", "Seconds spent decoding.", g(&self.decode_micros)),
-            ("ds4_queue_wait_seconds_total", "Seconds jobs waited in the queue.", g(&self.queue_wait_micros)),
+            (
+                "ds4_prefill_seconds_total",
+                "Seconds spent in prefill.",
+                g(&self.prefill_micros),
+            ),
+            (
+                "ds4_decode_seconds_total",
+                "Seconds spent decoding.",
+                g(&self.decode_micros),
+            ),
+            (
+                "ds4_queue_wait_seconds_total",
+                "Seconds jobs waited in the queue.",
+                g(&self.queue_wait_micros),
+            ),
         ];
         for (name, help, v) in secs {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {:.6}", v as f64 / 1e6);
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {:.6}",
+                v as f64 / 1e6
+            );
         }
         let gauges: [(&str, &str, f64); 6] = [
-            ("ds4_prefill_tokens_per_second", "Prefill speed of the last generation.", f(&self.last_prefill_tps)),
-            ("ds4_decode_tokens_per_second", "Decode speed of the last generation.", f(&self.last_decode_tps)),
-            ("ds4_queue_depth", "Jobs waiting for the worker.", queue_depth as f64),
-            ("ds4_live_context_tokens", "Tokens held by the live session.", live_tokens as f64),
-            ("ds4_context_size_tokens", "Configured context size.", n_ctx as f64),
-            ("ds4_ready", "1 when the model is loaded.", if ready { 1.0 } else { 0.0 }),
+            (
+                "ds4_prefill_tokens_per_second",
+                "Prefill speed of the last generation.",
+                f(&self.last_prefill_tps),
+            ),
+            (
+                "ds4_decode_tokens_per_second",
+                "Decode speed of the last generation.",
+                f(&self.last_decode_tps),
+            ),
+            (
+                "ds4_queue_depth",
+                "Jobs waiting for the worker.",
+                queue_depth as f64,
+            ),
+            (
+                "ds4_live_context_tokens",
+                "Tokens held by the live session.",
+                live_tokens as f64,
+            ),
+            (
+                "ds4_context_size_tokens",
+                "Configured context size.",
+                n_ctx as f64,
+            ),
+            (
+                "ds4_ready",
+                "1 when the model is loaded.",
+                if ready { 1.0 } else { 0.0 },
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -41,7 +41,11 @@ pub fn body_bytes(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(flavor, status, "request body too large")
         } else {
-            ApiError::new(flavor, StatusCode::BAD_REQUEST, format!("cannot read request body: {r}"))
+            ApiError::new(
+                flavor,
+                StatusCode::BAD_REQUEST,
+                format!("cannot read request body: {r}"),
+            )
         }
     })
 }
@@ -49,9 +53,13 @@ pub fn body_bytes(body: Result<Bytes, BytesRejection>, flavor: Flavor) -> Result
 /// Parses JSON into `T`, turning serde's message into a 400.
 pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], flavor: Flavor) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(flavor, "empty request body: expected a JSON object"));
+        return Err(ApiError::bad_request(
+            flavor,
+            "empty request body: expected a JSON object",
+        ));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(flavor, format!("invalid JSON request: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(flavor, format!("invalid JSON request: {e}")))
 }
 
 /// `stop`: a string or a list of strings.
@@ -151,9 +159,15 @@ pub fn content_text(v: Option<&Value>, flavor: Flavor, field: &str) -> Result<St
                     Value::Object(o) => {
                         let ty = o.get("type").and_then(Value::as_str).unwrap_or("text");
                         match (ty, o.get("text")) {
-                            ("text" | "input_text" | "output_text", Some(Value::String(t))) => out.push_str(t),
+                            ("text" | "input_text" | "output_text", Some(Value::String(t))) => {
+                                out.push_str(t)
+                            }
                             ("text" | "input_text" | "output_text", _) => {
-                                return Err(ApiError::bad_request(flavor, format!("{field}: a text part needs a string \"text\"")).param(field));
+                                return Err(ApiError::bad_request(
+                                    flavor,
+                                    format!("{field}: a text part needs a string \"text\""),
+                                )
+                                .param(field));
                             }
                             (other, _) => {
                                 return Err(ApiError::bad_request(
@@ -164,12 +178,22 @@ pub fn content_text(v: Option<&Value>, flavor: Flavor, field: &str) -> Result<St
                             }
                         }
                     }
-                    _ => return Err(ApiError::bad_request(flavor, format!("{field}: content parts must be strings or objects")).param(field)),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            flavor,
+                            format!("{field}: content parts must be strings or objects"),
+                        )
+                        .param(field));
+                    }
                 }
             }
             Ok(out)
         }
-        Some(_) => Err(ApiError::bad_request(flavor, format!("{field} must be a string, an array or null")).param(field)),
+        Some(_) => Err(ApiError::bad_request(
+            flavor,
+            format!("{field} must be a string, an array or null"),
+        )
+        .param(field)),
     }
 }
 
@@ -202,13 +226,20 @@ fn parse_tools(tools: Option<Vec<Box<RawValue>>>) -> Result<Vec<(String, String)
         let t: ToolIn = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(F, format!("tools[{i}]: {e}")).param("tools"))?;
         if t.ty.as_deref().is_some_and(|ty| ty != "function") {
-            return Err(ApiError::bad_request(F, format!("tools[{i}]: only function tools are supported")).param("tools"));
+            return Err(ApiError::bad_request(
+                F,
+                format!("tools[{i}]: only function tools are supported"),
+            )
+            .param("tools"));
         }
         let Some(f) = t.function else {
-            return Err(ApiError::bad_request(F, format!("tools[{i}]: missing function")).param("tools"));
+            return Err(
+                ApiError::bad_request(F, format!("tools[{i}]: missing function")).param("tools"),
+            );
         };
-        let head: FnHead = serde_json::from_str(f.get())
-            .map_err(|e| ApiError::bad_request(F, format!("tools[{i}].function: {e}")).param("tools"))?;
+        let head: FnHead = serde_json::from_str(f.get()).map_err(|e| {
+            ApiError::bad_request(F, format!("tools[{i}].function: {e}")).param("tools")
+        })?;
         out.push((head.name, f.get().to_string()));
     }
     Ok(out)
@@ -224,7 +255,10 @@ pub fn apply_tool_choice(
     let named = |name: &str, tools: Vec<(String, String)>| {
         let kept: Vec<_> = tools.into_iter().filter(|(n, _)| n == name).collect();
         if kept.is_empty() {
-            Err(ApiError::bad_request(flavor, format!("tool_choice names unknown tool {name:?}")).param("tool_choice"))
+            Err(
+                ApiError::bad_request(flavor, format!("tool_choice names unknown tool {name:?}"))
+                    .param("tool_choice"),
+            )
         } else {
             Ok(kept)
         }
@@ -234,7 +268,10 @@ pub fn apply_tool_choice(
         Some(Value::String(s)) => match s.as_str() {
             "none" => Ok(Vec::new()),
             "auto" | "required" | "any" => Ok(tools),
-            other => Err(ApiError::bad_request(flavor, format!("unknown tool_choice {other:?}")).param("tool_choice")),
+            other => Err(
+                ApiError::bad_request(flavor, format!("unknown tool_choice {other:?}"))
+                    .param("tool_choice"),
+            ),
         },
         Some(Value::Object(o)) => {
             let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
@@ -247,10 +284,16 @@ pub fn apply_tool_choice(
                 ("none", _) => Ok(Vec::new()),
                 ("auto" | "any" | "required", _) => Ok(tools),
                 (_, Some(n)) => named(n, tools),
-                _ => Err(ApiError::bad_request(flavor, "tool_choice object needs a function name").param("tool_choice")),
+                _ => Err(
+                    ApiError::bad_request(flavor, "tool_choice object needs a function name")
+                        .param("tool_choice"),
+                ),
             }
         }
-        Some(_) => Err(ApiError::bad_request(flavor, "tool_choice must be a string or an object").param("tool_choice")),
+        Some(_) => Err(
+            ApiError::bad_request(flavor, "tool_choice must be a string or an object")
+                .param("tool_choice"),
+        ),
     }
 }
 
@@ -302,12 +345,20 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
             "assistant" => Role::Assistant,
             "tool" | "function" => Role::Tool,
             other => {
-                return Err(ApiError::bad_request(F, format!("messages[{i}]: unknown role {other:?}")).param("messages"));
+                return Err(ApiError::bad_request(
+                    F,
+                    format!("messages[{i}]: unknown role {other:?}"),
+                )
+                .param("messages"));
             }
         };
         let mut cm = ChatMessage::new(role, content_text(m.content.as_ref(), F, &field)?);
         if role == Role::Assistant {
-            let r = content_text(m.reasoning_content.as_ref(), F, &format!("messages[{i}].reasoning_content"))?;
+            let r = content_text(
+                m.reasoning_content.as_ref(),
+                F,
+                &format!("messages[{i}].reasoning_content"),
+            )?;
             cm.reasoning = (!r.is_empty()).then_some(r);
             for c in m.tool_calls.unwrap_or_default() {
                 cm.tool_calls.push(ToolCall {
@@ -316,7 +367,11 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
                     arguments: arguments_text(c.function.arguments.as_deref()),
                 });
             }
-            let ids: Vec<&str> = cm.tool_calls.iter().filter_map(|c| c.id.as_deref()).collect();
+            let ids: Vec<&str> = cm
+                .tool_calls
+                .iter()
+                .filter_map(|c| c.id.as_deref())
+                .collect();
             if ids.len() == cm.tool_calls.len() {
                 cm.raw_tool_block = state.tool_memory.block_for(&ids);
             }
@@ -354,7 +409,11 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
         effective,
     )
     .map_err(|(m, p)| ApiError::bad_request(F, m).param(p))?;
-    let max_tokens = request::max_tokens(req.max_completion_tokens.or(req.max_tokens), F, "max_tokens")?;
+    let max_tokens = request::max_tokens(
+        req.max_completion_tokens.or(req.max_tokens),
+        F,
+        "max_tokens",
+    )?;
     let opts = GenOptions {
         sampling,
         stop: req.stop.map(StopField::into_vec).unwrap_or_default(),
@@ -423,12 +482,16 @@ pub async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesReject
     }
 }
 
-async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat_inner(
+    state: AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
     let req: ChatRequest = parse_json(&bytes, F)?;
     let job = build_chat(&state, req)?;
     let prompt_text = state.tracing().then(|| job.prompt.to_text());
-    let prepared = request::enqueue(&state, F, "messages", job.prompt, job.max_tokens, job.opts).await?;
+    let prepared =
+        request::enqueue(&state, F, "messages", job.prompt, job.max_tokens, job.opts).await?;
     let id = format!("chatcmpl-{}", request::random_hex(12));
     let created = request::now_secs();
     if job.stream {
@@ -441,7 +504,7 @@ async fn chat_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Res
             ids: Vec::new(),
             trace: prompt_text.map(|p| (bytes.to_vec(), p)),
         };
-        return Ok(request::sse_response(prepared.job, proj));
+        return Ok(request::sse_response(&state, prepared.job, proj));
     }
     let res = request::collect(prepared.job).await;
     if let Some(p) = &prompt_text {
@@ -505,7 +568,9 @@ impl Projector for ChatStream {
     fn on_msg(&mut self, msg: WorkerMsg) -> Vec<SseEvent> {
         match msg {
             WorkerMsg::Progress(..) => Vec::new(),
-            WorkerMsg::Event(Event::Reasoning(t)) => vec![self.chunk(json!({"reasoning_content": t}), None)],
+            WorkerMsg::Event(Event::Reasoning(t)) => {
+                vec![self.chunk(json!({"reasoning_content": t}), None)]
+            }
             WorkerMsg::Event(Event::Content(t)) => vec![self.chunk(json!({"content": t}), None)],
             WorkerMsg::Event(Event::ToolCallStart { index, name }) => {
                 let id = new_call_id();
@@ -519,7 +584,10 @@ impl Projector for ChatStream {
                 )]
             }
             WorkerMsg::Event(Event::ToolCallArgs { index, delta }) => {
-                vec![self.chunk(json!({"tool_calls": [{"index": index, "function": {"arguments": delta}}]}), None)]
+                vec![self.chunk(
+                    json!({"tool_calls": [{"index": index, "function": {"arguments": delta}}]}),
+                    None,
+                )]
             }
             WorkerMsg::Event(_) => Vec::new(),
             WorkerMsg::Finished(res) => {
@@ -530,9 +598,10 @@ impl Projector for ChatStream {
                     Ok(g) => g,
                     Err(e) => {
                         return vec![
-                            SseEvent::default()
-                                .event("error")
-                                .data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
+                            SseEvent::default().event("error").data(
+                                json!({"error": {"message": e, "type": "server_error"}})
+                                    .to_string(),
+                            ),
                             SseEvent::default().data("[DONE]"),
                         ];
                     }
@@ -602,22 +671,38 @@ struct CompletionRequest {
 /// (thinking off unless asked for, GAP-S15; only the answer is returned as `text`); a
 /// prompt that starts with the BOS literal is taken as already rendered and tokenized
 /// as-is, special tokens included (the client wrote the whole prompt).
-pub async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match completions_inner(state, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions_inner(
+    state: AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
     let req: CompletionRequest = parse_json(&bytes, F)?;
     let model = req.model.unwrap_or_else(|| SERVED_MODEL_ID.to_string());
     let text = match req.prompt {
-        None | Some(Value::Null) => return Err(ApiError::bad_request(F, "missing prompt").param("prompt")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request(F, "missing prompt").param("prompt"));
+        }
         Some(Value::String(s)) => s,
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Some(_) => return Err(ApiError::bad_request(F, "prompt must be a string (batched prompts are not supported)").param("prompt")),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                F,
+                "prompt must be a string (batched prompts are not supported)",
+            )
+            .param("prompt"));
+        }
     };
     if req.suffix.is_some() {
         return Err(ApiError::bad_request(F, "suffix is not supported").param("suffix"));
@@ -628,19 +713,39 @@ async fn completions_inner(state: AppState, body: Result<Bytes, BytesRejection>)
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request(F, "only n=1 is supported").param("n"));
     }
-    let any_control = req.thinking.is_some() || req.think.is_some() || req.reasoning_effort.is_some();
+    let any_control =
+        req.thinking.is_some() || req.think.is_some() || req.reasoning_effort.is_some();
     let mode = if any_control || model == request::ALIAS_REASONER {
-        request::resolve_thinking(&model, &ThinkingControls { thinking: req.thinking, think: req.think, effort: req.reasoning_effort })
-            .map_err(|m| ApiError::bad_request(F, m).param("reasoning_effort"))?
+        request::resolve_thinking(
+            &model,
+            &ThinkingControls {
+                thinking: req.thinking,
+                think: req.think,
+                effort: req.reasoning_effort,
+            },
+        )
+        .map_err(|m| ApiError::bad_request(F, m).param("reasoning_effort"))?
     } else {
         ThinkingMode::None
     };
     let n_ctx = state.engine().map_or(0, |e| e.info().n_ctx);
     let (prompt, thinking) = if text.starts_with(BOS_TEXT) {
         let thinking = text.ends_with("<think>");
-        (Prompt { segments: vec![Segment::Text { text, trust: Trust::Model }] }, thinking)
+        (
+            Prompt {
+                segments: vec![Segment::Text {
+                    text,
+                    trust: Trust::Model,
+                }],
+            },
+            thinking,
+        )
     } else {
-        let copts = ChatOptions { thinking: mode, ctx_size: n_ctx, ..ChatOptions::default() };
+        let copts = ChatOptions {
+            thinking: mode,
+            ctx_size: n_ctx,
+            ..ChatOptions::default()
+        };
         let p = chat::render(&[ChatMessage::new(Role::User, text)], &copts);
         (p, copts.effective_thinking() != ThinkingMode::None)
     };
@@ -652,7 +757,11 @@ async fn completions_inner(state: AppState, body: Result<Bytes, BytesRejection>)
             min_p: req.min_p,
             seed: seed_value(req.seed.as_ref(), F)?,
         },
-        if thinking { ThinkingMode::High } else { ThinkingMode::None },
+        if thinking {
+            ThinkingMode::High
+        } else {
+            ThinkingMode::None
+        },
     )
     .map_err(|(m, p)| ApiError::bad_request(F, m).param(p))?;
     let opts = GenOptions {
@@ -673,9 +782,11 @@ async fn completions_inner(state: AppState, body: Result<Bytes, BytesRejection>)
             created,
             include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         };
-        return Ok(request::sse_response(prepared.job, proj));
+        return Ok(request::sse_response(&state, prepared.job, proj));
     }
-    let g = request::collect(prepared.job).await.map_err(|e| engine_error(F, e))?;
+    let g = request::collect(prepared.job)
+        .await
+        .map_err(|e| engine_error(F, e))?;
     let mut choice = json!({"text": g.outcome.content, "index": 0, "logprobs": null, "finish_reason": finish_str(&g)});
     if !g.outcome.reasoning.is_empty() {
         choice["reasoning_content"] = json!(g.outcome.reasoning);
@@ -727,7 +838,9 @@ impl Projector for CompletionStream {
                 out
             }
             WorkerMsg::Finished(Err(e)) => vec![
-                SseEvent::default().event("error").data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
+                SseEvent::default()
+                    .event("error")
+                    .data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
                 SseEvent::default().data("[DONE]"),
             ],
             _ => Vec::new(),

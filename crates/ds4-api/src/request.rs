@@ -11,9 +11,9 @@ use ds4_model::sampling::SamplingParams;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
 use crate::server::AppState;
-use crate::engine::Generation;
 use crate::worker::{JobHandle, SubmitError, WorkerMsg};
 
 /// One server-sent event.
@@ -86,7 +86,11 @@ pub fn resolve_thinking(model: &str, c: &ThinkingControls) -> Result<ThinkingMod
             Value::Object(o) => match o.get("type").and_then(Value::as_str) {
                 Some("enabled") | Some("adaptive") => explicit = Some(true),
                 Some("disabled") => explicit = Some(false),
-                Some(other) => return Err(format!("thinking.type must be \"enabled\" or \"disabled\", got {other:?}")),
+                Some(other) => {
+                    return Err(format!(
+                        "thinking.type must be \"enabled\" or \"disabled\", got {other:?}"
+                    ));
+                }
                 None => {}
             },
             _ => return Err("thinking must be an object, a boolean or null".into()),
@@ -96,10 +100,7 @@ pub fn resolve_thinking(model: &str, c: &ThinkingControls) -> Result<ThinkingMod
         any_explicit = true;
         explicit = Some(b);
     }
-    let mut enabled = explicit.unwrap_or(match model {
-        ALIAS_CHAT if !any_explicit => false,
-        _ => true,
-    });
+    let mut enabled = explicit.unwrap_or(any_explicit || model != ALIAS_CHAT);
     let mut mode = ThinkingMode::High;
     if let Some(e) = &c.effort {
         match effort_mode(e)? {
@@ -128,11 +129,17 @@ pub struct SamplingFields {
 /// Validates sampling fields (GAP-S7: 400 for nonsense values) and applies the
 /// thinking-mode override (PROMPT.md §3.4: knobs are accepted but ignored while thinking;
 /// the seed is kept).
-pub fn sampling(f: &SamplingFields, mode: ThinkingMode) -> Result<SamplingParams, (String, &'static str)> {
+pub fn sampling(
+    f: &SamplingFields,
+    mode: ThinkingMode,
+) -> Result<SamplingParams, (String, &'static str)> {
     let mut p = SamplingParams::default();
     if let Some(t) = f.temperature {
         if !(0.0..=100.0).contains(&t) {
-            return Err(("temperature must be between 0 and 100".into(), "temperature"));
+            return Err((
+                "temperature must be between 0 and 100".into(),
+                "temperature",
+            ));
         }
         p.temperature = t as f32;
     }
@@ -168,7 +175,9 @@ pub fn sampling(f: &SamplingFields, mode: ThinkingMode) -> Result<SamplingParams
 /// Validates a token limit field: negative → 400; absent → None.
 pub fn max_tokens(v: Option<i64>, flavor: Flavor, param: &str) -> Result<Option<usize>, ApiError> {
     match v {
-        Some(n) if n < 0 => Err(ApiError::bad_request(flavor, format!("{param} must be >= 0")).param(param)),
+        Some(n) if n < 0 => {
+            Err(ApiError::bad_request(flavor, format!("{param} must be >= 0")).param(param))
+        }
         Some(n) => Ok(Some(n as usize)),
         None => Ok(None),
     }
@@ -214,7 +223,9 @@ impl ToolMemory {
             m.bytes += block.len();
         }
         while m.order.len() > self.max_ids || m.bytes > self.max_bytes {
-            let Some((id, n)) = m.order.pop_front() else { break };
+            let Some((id, n)) = m.order.pop_front() else {
+                break;
+            };
             m.bytes -= n;
             m.map.remove(&id);
         }
@@ -237,7 +248,11 @@ impl ToolMemory {
 
     /// Ids remembered.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 
     /// Whether nothing is remembered.
@@ -266,7 +281,11 @@ pub async fn enqueue(
     mut opts: GenOptions,
 ) -> Result<Prepared, ApiError> {
     let Some(engine) = state.engine() else {
-        let mut e = ApiError::new(flavor, axum::http::StatusCode::SERVICE_UNAVAILABLE, "model is loading");
+        let mut e = ApiError::new(
+            flavor,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "model is loading",
+        );
         e.retry_after = Some(5);
         return Err(e);
     };
@@ -274,16 +293,39 @@ pub async fn enqueue(
     let e2 = engine.clone();
     let tokens = tokio::task::spawn_blocking(move || e2.tokenize(&prompt))
         .await
-        .map_err(|_| ApiError::new(flavor, axum::http::StatusCode::INTERNAL_SERVER_ERROR, "tokenizer task failed"))?
-        .map_err(|e| ApiError::new(flavor, axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|_| {
+            ApiError::new(
+                flavor,
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "tokenizer task failed",
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                flavor,
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            )
+        })?;
     if tokens.len() >= n_ctx {
-        return Err(ApiError::context_exceeded(flavor, param, tokens.len(), n_ctx));
+        return Err(ApiError::context_exceeded(
+            flavor,
+            param,
+            tokens.len(),
+            n_ctx,
+        ));
     }
     let room = n_ctx - tokens.len();
-    opts.max_tokens = requested_max.unwrap_or(state.config.default_max_tokens).min(room);
+    opts.max_tokens = requested_max
+        .unwrap_or(state.config.default_max_tokens)
+        .min(room);
     let prompt_tokens = tokens.len();
     let Some(worker) = state.worker() else {
-        return Err(ApiError::new(flavor, axum::http::StatusCode::SERVICE_UNAVAILABLE, "model is loading"));
+        return Err(ApiError::new(
+            flavor,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "model is loading",
+        ));
     };
     match worker.submit(tokens, opts) {
         Ok(job) => Ok(Prepared { job, prompt_tokens }),
@@ -292,7 +334,10 @@ pub async fn enqueue(
             let mut e = ApiError::new(
                 flavor,
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!("server busy: {} requests already queued; retry later", worker.queue_depth()),
+                format!(
+                    "server busy: {} requests already queued; retry later",
+                    worker.queue_depth()
+                ),
             );
             e.retry_after = Some(state.config.retry_after_secs);
             Err(e)
@@ -324,10 +369,15 @@ pub trait Projector: Send + 'static {
     fn on_msg(&mut self, msg: WorkerMsg) -> Vec<SseEvent>;
 }
 
-/// An SSE response driven by `job` through `proj`. Keep-alive comments go out every 5 s
-/// of silence (queue wait, long prefill, hidden reasoning; GAP-S5). Dropping the body
+/// An SSE response driven by `job` through `proj`. Keep-alive comments go out after
+/// `keepalive_ms` (5 s by default) of silence (queue wait, long prefill, hidden
+/// reasoning; GAP-S5). Dropping the body
 /// (client gone) drops the job's guard, which cancels the generation.
-pub fn sse_response(job: JobHandle, mut proj: impl Projector) -> axum::response::Response {
+pub fn sse_response(
+    state: &AppState,
+    job: JobHandle,
+    mut proj: impl Projector,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     use axum::response::sse::{KeepAlive, Sse};
     let pending: VecDeque<SseEvent> = proj.start().into();
@@ -337,7 +387,10 @@ pub fn sse_response(job: JobHandle, mut proj: impl Projector) -> axum::response:
         |(mut rx, mut proj, guard, mut pending, mut done)| async move {
             loop {
                 if let Some(ev) = pending.pop_front() {
-                    return Some((Ok::<_, std::convert::Infallible>(ev), (rx, proj, guard, pending, done)));
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(ev),
+                        (rx, proj, guard, pending, done),
+                    ));
                 }
                 if done {
                     return None;
@@ -354,7 +407,13 @@ pub fn sse_response(job: JobHandle, mut proj: impl Projector) -> axum::response:
         },
     );
     let mut resp = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)).text("keep-alive"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(std::time::Duration::from_millis(
+                    state.config.keepalive_ms.max(1),
+                ))
+                .text("keep-alive"),
+        )
         .into_response();
     resp.headers_mut().insert(
         axum::http::header::CACHE_CONTROL,
@@ -379,7 +438,12 @@ pub async fn collect(job: JobHandle) -> Result<Generation, String> {
 }
 
 /// Text of the trace for one finished request.
-pub fn trace_text(kind: &str, raw_request: &[u8], prompt: &str, g: &Result<Generation, String>) -> String {
+pub fn trace_text(
+    kind: &str,
+    raw_request: &[u8],
+    prompt: &str,
+    g: &Result<Generation, String>,
+) -> String {
     let mut s = format!(
         "===== request {kind} {} =====\n--- raw request json ---\n{}\n--- rendered prompt ---\n{prompt}\n",
         now_secs(),
@@ -407,13 +471,23 @@ pub fn trace_text(kind: &str, raw_request: &[u8], prompt: &str, g: &Result<Gener
 mod tests {
     use super::*;
 
-    fn check(model: &str, thinking: Option<Value>, think: Option<bool>, effort: Option<&str>, want: ThinkingMode) {
+    fn check(
+        model: &str,
+        thinking: Option<Value>,
+        think: Option<bool>,
+        effort: Option<&str>,
+        want: ThinkingMode,
+    ) {
         let c = ThinkingControls {
             thinking,
             think,
             effort: effort.map(str::to_string),
         };
-        assert_eq!(resolve_thinking(model, &c).expect("valid"), want, "{model} {c:?}");
+        assert_eq!(
+            resolve_thinking(model, &c).expect("valid"),
+            want,
+            "{model} {c:?}"
+        );
     }
 
     #[test]
@@ -422,15 +496,42 @@ mod tests {
         check("deepseek-v4-flash", None, None, None, ThinkingMode::High);
         check("deepseek-chat", None, None, None, ThinkingMode::None);
         check("deepseek-reasoner", None, None, None, ThinkingMode::High);
-        check("deepseek-chat", Some(json!({"type":"enabled"})), None, None, ThinkingMode::High);
-        check("deepseek-reasoner", Some(json!(false)), None, None, ThinkingMode::None);
+        check(
+            "deepseek-chat",
+            Some(json!({"type":"enabled"})),
+            None,
+            None,
+            ThinkingMode::High,
+        );
+        check(
+            "deepseek-reasoner",
+            Some(json!(false)),
+            None,
+            None,
+            ThinkingMode::None,
+        );
         check("x", None, Some(false), None, ThinkingMode::None);
         check("x", None, None, Some("max"), ThinkingMode::Max);
         check("x", None, None, Some("low"), ThinkingMode::High);
         check("x", None, None, Some("none"), ThinkingMode::None);
         // An explicit null still disables the alias rule.
-        check("deepseek-chat", Some(Value::Null), None, None, ThinkingMode::High);
-        assert!(resolve_thinking("x", &ThinkingControls { effort: Some("huge".into()), ..Default::default() }).is_err());
+        check(
+            "deepseek-chat",
+            Some(Value::Null),
+            None,
+            None,
+            ThinkingMode::High,
+        );
+        assert!(
+            resolve_thinking(
+                "x",
+                &ThinkingControls {
+                    effort: Some("huge".into()),
+                    ..Default::default()
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -456,9 +557,17 @@ mod tests {
 
     #[test]
     fn sampling_validation() {
-        let bad = SamplingFields { temperature: Some(-1.0), ..Default::default() };
+        let bad = SamplingFields {
+            temperature: Some(-1.0),
+            ..Default::default()
+        };
         assert!(sampling(&bad, ThinkingMode::None).is_err());
-        let ok = SamplingFields { temperature: Some(0.0), top_k: Some(5000), seed: Some(7), ..Default::default() };
+        let ok = SamplingFields {
+            temperature: Some(0.0),
+            top_k: Some(5000),
+            seed: Some(7),
+            ..Default::default()
+        };
         let p = sampling(&ok, ThinkingMode::None).expect("valid");
         assert_eq!(p.temperature, 0.0);
         assert_eq!(p.top_k, ds4_model::sampling::TOP_K_MAX);

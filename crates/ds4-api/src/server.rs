@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub default_max_tokens: usize,
     /// `Retry-After` seconds on 429.
     pub retry_after_secs: u64,
+    /// Milliseconds of SSE silence before a keep-alive comment.
+    pub keepalive_ms: u64,
     /// Exact-DSML replay map size in ids (0 disables exact replay).
     pub tool_memory_max_ids: usize,
     /// Human-readable request trace (contains full prompts and outputs).
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             default_max_tokens: 393_216,
             retry_after_secs: 2,
+            keepalive_ms: 5000,
             tool_memory_max_ids: 100_000,
             trace: None,
         }
@@ -168,7 +171,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(crate::openai::chat))
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/messages", post(crate::anthropic::messages))
-        .route("/v1/messages/count_tokens", post(crate::anthropic::count_tokens))
+        .route(
+            "/v1/messages/count_tokens",
+            post(crate::anthropic::count_tokens),
+        )
+        .route("/v1/responses", post(crate::responses::responses))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -178,7 +185,11 @@ pub fn router(state: AppState) -> Router {
 
 async fn not_found(req: Request) -> ApiError {
     let path = req.uri().path().to_string();
-    ApiError::new(Flavor::for_path(&path), StatusCode::NOT_FOUND, format!("unknown endpoint: {} {path}", req.method()))
+    ApiError::new(
+        Flavor::for_path(&path),
+        StatusCode::NOT_FOUND,
+        format!("unknown endpoint: {} {path}", req.method()),
+    )
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
@@ -207,9 +218,15 @@ fn authorized(headers: &HeaderMap, key: &str) -> bool {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
-    let x_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    let x_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
     // Evaluate both so the time does not say which header was tried.
     let a = bearer.is_some_and(|b| ct_eq(b.as_bytes(), key.as_bytes()));
     let b = x_key.is_some_and(|b| ct_eq(b.as_bytes(), key.as_bytes()));
@@ -225,6 +242,7 @@ fn endpoint_name(path: &str) -> &'static str {
         "/v1/completions" => "completions",
         "/v1/messages" => "messages",
         "/v1/messages/count_tokens" => "count_tokens",
+        "/v1/responses" => "responses",
         p if p.starts_with("/v1/models/") => "models",
         _ => "other",
     }
@@ -232,9 +250,18 @@ fn endpoint_name(path: &str) -> &'static str {
 
 fn add_cors(resp: &mut Response) {
     let h = resp.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("*"),
+    );
 }
 
 /// Preflight, authentication, CORS and request counting.
@@ -243,7 +270,11 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let endpoint = endpoint_name(&path);
     let mut resp = if req.method() == Method::OPTIONS {
         StatusCode::NO_CONTENT.into_response()
-    } else if let Some(key) = state.config.api_key.as_deref().filter(|_| endpoint != "health")
+    } else if let Some(key) = state
+        .config
+        .api_key
+        .as_deref()
+        .filter(|_| endpoint != "health")
         && !authorized(req.headers(), key)
     {
         ApiError::new(
@@ -277,7 +308,11 @@ async fn health(State(state): State<AppState>) -> Response {
             }))
             .into_response()
         }
-        None => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "loading"}))).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response(),
     }
 }
 
@@ -286,7 +321,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .engine()
         .map_or((0, 0), |e| (e.live_tokens(), e.info().n_ctx));
     let depth = state.worker().map_or(0, Worker::queue_depth);
-    let body = state.metrics.render(depth, live, n_ctx, state.engine().is_some());
+    let body = state
+        .metrics
+        .render(depth, live, n_ctx, state.engine().is_some());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -321,10 +358,14 @@ async fn model_one(State(state): State<AppState>, Path(id): Path<String>) -> Res
     if [SERVED_MODEL_ID, ALIAS_CHAT, ALIAS_REASONER].contains(&id.as_str()) {
         axum::Json(model_object(&state, &id)).into_response()
     } else {
-        ApiError::new(Flavor::OpenAi, StatusCode::NOT_FOUND, format!("model {id:?} does not exist"))
-            .code("model_not_found")
-            .param("model")
-            .into_response()
+        ApiError::new(
+            Flavor::OpenAi,
+            StatusCode::NOT_FOUND,
+            format!("model {id:?} does not exist"),
+        )
+        .code("model_not_found")
+        .param("model")
+        .into_response()
     }
 }
 
@@ -357,13 +398,21 @@ pub struct LimitedStream {
 }
 
 impl AsyncRead for LimitedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for LimitedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -389,7 +438,13 @@ impl axum::serve::Listener for LimitedListener {
             match self.inner.accept().await {
                 Ok((io, addr)) => {
                     let _ = io.set_nodelay(true);
-                    return (LimitedStream { io, _permit: permit }, addr);
+                    return (
+                        LimitedStream {
+                            io,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,

@@ -179,7 +179,12 @@ impl Worker {
     /// Shutdown: refuse new jobs, drop queued ones, stop the running one.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        if let Some(c) = self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(c) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             c.store(true, Ordering::Relaxed);
         }
     }

@@ -30,7 +30,7 @@
 //! - [`NAME`], [`SEED`], [`CONFIG_JSON`]: identity and shape;
 //! - [`config`]: the validated [`Config`];
 //! - [`model`]: a [`Model`] on the CPU backend with the given [`LoadOptions`];
-//! - [`tokenizer`]: the shared real V4 [`Tokenizer`].
+//! - [`tokenizer`]: the shared real V4 [`Tokenizer`]; [`tokenizer_json`]: its source text.
 //!
 //! Most callers want [`crate::engine::Engine::demo`], which bundles both.
 
@@ -107,8 +107,7 @@ pub const CONFIG_JSON: &str = r#"{
 }"#;
 
 /// The official tokenizer, gzip-compressed (one copy in the repository).
-static TOKENIZER_GZ: &[u8] =
-    include_bytes!("../../../tests/fixtures/tokenizer/tokenizer.json.gz");
+static TOKENIZER_GZ: &[u8] = include_bytes!("../../../tests/fixtures/tokenizer/tokenizer.json.gz");
 
 /// The validated demo config.
 pub fn config() -> Result<Config> {
@@ -133,14 +132,23 @@ pub fn model(opts: &LoadOptions) -> Result<Model> {
     }
 }
 
+/// The embedded official `tokenizer.json`, unpacked (6.4 MB).
+pub fn tokenizer_json() -> Result<Vec<u8>> {
+    let mut json = Vec::with_capacity(7 << 20);
+    flate2::read::GzDecoder::new(TOKENIZER_GZ)
+        .read_to_end(&mut json)
+        .map_err(|e| Error::Load {
+            path: "embedded tokenizer.json.gz".to_string(),
+            what: e.to_string(),
+        })?;
+    Ok(json)
+}
+
 /// The real DeepSeek V4 tokenizer, unpacked and built at the first call, then shared.
 pub fn tokenizer() -> Result<Arc<Tokenizer>> {
     static CACHE: OnceLock<std::result::Result<Arc<Tokenizer>, String>> = OnceLock::new();
     let built = CACHE.get_or_init(|| {
-        let mut json = Vec::with_capacity(7 << 20);
-        flate2::read::GzDecoder::new(TOKENIZER_GZ)
-            .read_to_end(&mut json)
-            .map_err(|e| format!("embedded tokenizer.json.gz: {e}"))?;
+        let json = tokenizer_json().map_err(|e| e.to_string())?;
         Tokenizer::from_tokenizer_json(&json)
             .map(Arc::new)
             .map_err(|e| e.to_string())
@@ -250,7 +258,11 @@ impl RandomSource {
             push(n("ffn_up_shexp"), vec![fs, d], None);
             push(n("ffn_down_shexp"), vec![d, fs], None);
         }
-        push("token_embd.weight".into(), vec![v, d], Some(Init::Normal(1.0)));
+        push(
+            "token_embd.weight".into(),
+            vec![v, d],
+            Some(Init::Normal(1.0)),
+        );
         push("output_hc_fn.weight".into(), vec![nhc, nhc * d], None);
         let base = Some(Init::Normal(0.5));
         push("output_hc_base.weight".into(), vec![nhc], base);
@@ -310,7 +322,8 @@ fn generate(name: &str, dims: &[usize], init: Init) -> HostTensor {
     let dims_u64: Vec<u64> = dims.iter().map(|&x| x as u64).collect();
     let stream = SEED ^ name_hash(name);
     let fill = |out: &mut [f32], chunk: usize| {
-        let mut rng = SplitMix(stream.wrapping_add((chunk as u64).wrapping_mul(0xA24B_AED4_963E_E407)));
+        let mut rng =
+            SplitMix(stream.wrapping_add((chunk as u64).wrapping_mul(0xA24B_AED4_963E_E407)));
         for x in out.iter_mut() {
             *x = match init {
                 Init::Normal(std) => rng.normal() * std,
@@ -321,9 +334,7 @@ fn generate(name: &str, dims: &[usize], init: Init) -> HostTensor {
     };
     if let Init::Ids(n_ids) = init {
         let mut rng = SplitMix(stream);
-        let ids: Vec<i32> = (0..n)
-            .map(|_| (rng.next() % n_ids as u64) as i32)
-            .collect();
+        let ids: Vec<i32> = (0..n).map(|_| (rng.next() % n_ids as u64) as i32).collect();
         return HostTensor {
             name: name.to_string(),
             dtype: DType::I32,

@@ -59,9 +59,11 @@ impl Engine {
 
     /// The embedded demo model ([`crate::demo`]) with the real V4 tokenizer.
     pub fn demo(opts: &LoadOptions) -> Result<Engine> {
+        // The two halves take similar time on first use: build them side by side.
+        let (model, tokenizer) = rayon::join(|| crate::demo::model(opts), crate::demo::tokenizer);
         Ok(Engine {
-            model: crate::demo::model(opts)?,
-            tokenizer: Some(crate::demo::tokenizer()?),
+            model: model?,
+            tokenizer: Some(tokenizer?),
             name: crate::demo::NAME.to_string(),
             source: ModelSource::Demo,
         })
@@ -135,5 +137,8 @@ fn read_tokenizer_and_name(path: &Path) -> Result<(Option<Tokenizer>, String)> {
         .map(str::to_string)
         .collect();
     let types = file.get_i32_array("tokenizer.ggml.token_type")?;
-    Ok((Some(Tokenizer::from_gguf_parts(tokens, merges, types)?), name))
+    Ok((
+        Some(Tokenizer::from_gguf_parts(tokens, merges, types)?),
+        name,
+    ))
 }

@@ -267,7 +267,7 @@ pub fn generate(
     tok: &Tokenizer,
     prompt: &[u32],
     opts: &GenOptions,
-    mut cache: Option<&mut PrefixCache>,
+    cache: Option<&mut PrefixCache>,
     on_progress: &mut dyn FnMut(usize, usize),
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Outcome> {
@@ -322,7 +322,7 @@ pub fn generate(
     }
     out.timings.prefill_tokens = done;
     out.timings.prefill_secs = t0.elapsed().as_secs_f64();
-    if let Some(c) = cache.as_deref_mut() {
+    if let Some(c) = cache {
         c.snapshot = Some(session.snapshot());
     }
 
@@ -464,7 +464,8 @@ impl TextPipeline {
         let content = if self.reasoning {
             self.held.push_str(text);
             if self.at_start {
-                if THINK_TEXT.starts_with(self.held.as_str()) && self.held.len() < THINK_TEXT.len() {
+                if THINK_TEXT.starts_with(self.held.as_str()) && self.held.len() < THINK_TEXT.len()
+                {
                     return None;
                 }
                 if let Some(rest) = self.held.strip_prefix(THINK_TEXT) {
@@ -508,7 +509,7 @@ impl TextPipeline {
             }
             Some(d) => match d.push(&content) {
                 Ok(evs) => {
-                    let closed = evs.iter().any(|e| *e == DsmlEvent::BlockClosed);
+                    let closed = evs.contains(&DsmlEvent::BlockClosed);
                     dsml_events(evs, out, on_event);
                     closed.then_some(FinishReason::ToolCalls)
                 }
@@ -567,9 +568,15 @@ mod tests {
         cache: Option<&mut PrefixCache>,
     ) -> (Outcome, Vec<Event>) {
         let mut events = Vec::new();
-        let out = generate(session, tok, prompt, opts, cache, &mut |_, _| {}, &mut |e| {
-            events.push(e)
-        })
+        let out = generate(
+            session,
+            tok,
+            prompt,
+            opts,
+            cache,
+            &mut |_, _| {},
+            &mut |e| events.push(e),
+        )
         .expect("generate");
         (out, events)
     }
@@ -618,7 +625,10 @@ mod tests {
         // Extending the transcript reuses the session: only the suffix is fed.
         let mut next = prompt.clone();
         next.extend_from_slice(&b.tokens);
-        next.extend(tok.encode("<｜end▁of▁sentence｜><｜User｜>more<｜Assistant｜></think>", true));
+        next.extend(tok.encode(
+            "<｜end▁of▁sentence｜><｜User｜>more<｜Assistant｜></think>",
+            true,
+        ));
         let held = s.n_past();
         let (c, _) = run(&mut s, &tok, &next, &opts, None);
         assert_eq!(c.usage.cached_tokens, held);
@@ -650,7 +660,10 @@ mod tests {
     fn budget_cancel_and_context_limits() {
         let model = crate::demo::model(&LoadOptions::default()).expect("demo");
         let tok = crate::demo::tokenizer().expect("tokenizer");
-        let prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>", true);
+        let prompt = tok.encode(
+            "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>",
+            true,
+        );
         let cancel = Arc::new(AtomicBool::new(true));
         let opts = GenOptions {
             sampling: SamplingParams::greedy(),
@@ -671,7 +684,15 @@ mod tests {
         assert_eq!(o.usage.reasoning_tokens, 3);
         assert!(o.content.is_empty());
         let mut tiny = Session::new(&model, 2);
-        let err = generate(&mut tiny, &tok, &prompt, &opts, None, &mut |_, _| {}, &mut |_| {});
+        let err = generate(
+            &mut tiny,
+            &tok,
+            &prompt,
+            &opts,
+            None,
+            &mut |_, _| {},
+            &mut |_| {},
+        );
         assert!(matches!(err, Err(Error::ContextFull { .. })));
     }
 
@@ -688,10 +709,16 @@ mod tests {
         let mut events = Vec::new();
         let mut on = |e: Event| events.push(e);
         let pieces = [
-            "<think>", "plan", " it</", "think>", "Sure.", "\n\n<｜DSML｜tool_calls>\n",
+            "<think>",
+            "plan",
+            " it</",
+            "think>",
+            "Sure.",
+            "\n\n<｜DSML｜tool_calls>\n",
             "<｜DSML｜invoke name=\"f\">\n",
             "<｜DSML｜parameter name=\"x\" string=\"true\">a&b</｜DSML｜parameter>\n",
-            "</｜DSML｜invoke>\n", "</｜DSML｜tool_calls>",
+            "</｜DSML｜invoke>\n",
+            "</｜DSML｜tool_calls>",
         ];
         let mut reason = None;
         for piece in pieces {
@@ -707,7 +734,11 @@ mod tests {
         assert_eq!(out.tool_calls.len(), 1);
         assert_eq!(out.tool_calls[0].name, "f");
         assert_eq!(out.tool_calls[0].arguments, r#"{"x":"a&b"}"#);
-        assert!(events.iter().any(|e| matches!(e, Event::ToolCallStart { .. })));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::ToolCallStart { .. }))
+        );
 
         let mut p = TextPipeline::new(&GenOptions {
             thinking: false,
@@ -716,7 +747,10 @@ mod tests {
         let mut out = Outcome::default();
         let mut none = |_: Event| {};
         assert_eq!(p.push("abc ST", &mut out, &mut none), None);
-        assert_eq!(p.push("OP tail", &mut out, &mut none), Some(FinishReason::StopString));
+        assert_eq!(
+            p.push("OP tail", &mut out, &mut none),
+            Some(FinishReason::StopString)
+        );
         p.finish(&mut out, &mut none);
         assert_eq!(out.content, "abc ");
     }

@@ -45,14 +45,14 @@ pub mod synthetic;
 pub mod weights;
 
 pub use config::Config;
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use session::{LoadOptions, Model, Session, SessionState};
-pub use engine::Engine;
 
 pub mod chat;
-pub mod dsml;
-pub mod sampling;
-pub mod tokenizer;
 pub mod demo;
+pub mod dsml;
 pub mod engine;
 pub mod generate;
+pub mod sampling;
+pub mod tokenizer;
