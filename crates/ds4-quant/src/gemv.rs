@@ -393,7 +393,8 @@ fn quantize_rows<B: Pod + Send>(
     f: fn(&[f32], &mut [B]),
 ) -> Vec<B> {
     let mut out = vec![B::zeroed(); xs.len() / elems];
-    if n_tok == 1 {
+    if n_tok <= 1 {
+        // One token, or none (zero columns): a single call covers it.
         f(xs, &mut out);
     } else {
         let n_cols = xs.len() / n_tok;

@@ -23,6 +23,7 @@ pub mod tables;
 
 pub mod error;
 pub mod f16;
+pub mod gemv;
 pub mod iq2_xxs;
 pub mod iq2_xxs_quantize;
 mod kquant;
@@ -32,7 +33,6 @@ pub mod q8_0;
 pub mod q8_k;
 pub mod row;
 pub mod simd;
-pub mod gemv;
 
-pub use blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, QK_K, QK8_0};
+pub use blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, QK_K, QK8_0};
 pub use error::{Error, Result};

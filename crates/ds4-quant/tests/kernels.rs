@@ -626,6 +626,11 @@ fn length_errors_are_errors() {
     assert!(gemv::quantize_q8_0(&x[1..]).is_err());
     // Empty matrices are fine.
     gemv::matvec(q4, &[], 0, n_cols, &x, &mut []).expect("zero rows");
+    // Zero columns: no token can be inferred, so only an empty output is consistent; no
+    // panic (division by zero) either way.
+    gemv::matvec(q4, &[], n_rows, 0, &[], &mut []).expect("zero columns, zero tokens");
+    gemv::matvec(DType::Q8_0, &[], n_rows, 0, &[], &mut []).expect("zero columns, zero tokens");
+    assert!(gemv::matvec(q4, &[], n_rows, 0, &[], &mut y).is_err());
     // The valid call succeeds.
     gemv::matvec(q4, &w, n_rows, n_cols, &x, &mut y).expect("valid");
 }

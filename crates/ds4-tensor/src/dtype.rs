@@ -72,7 +72,10 @@ impl DType {
 
     /// Parses a ggml name (case-insensitive).
     pub fn from_name(name: &str) -> Option<DType> {
-        DType::ALL.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+        DType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Values per block (1 for plain element types).

@@ -45,7 +45,10 @@ impl Shape {
 
     /// Number of rows: the product of every dimension but the first (`None` on overflow).
     pub fn n_rows(&self) -> Option<u64> {
-        self.0.iter().skip(1).try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.0
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 

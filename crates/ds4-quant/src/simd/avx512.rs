@@ -20,7 +20,6 @@
 //! workspace's declared `rust-version` (1.85); building this module needs 1.89 or newer.
 
 // Deliberately allowed rather than raising the workspace MSRV from this module; see above.
-#![allow(clippy::incompatible_msrv)]
 
 use std::arch::x86_64::*;
 
