@@ -270,29 +270,14 @@ impl Backend for CpuBackend {
         y: &mut [f32],
     ) -> BackendResult<()> {
         let d = gate_exps.shape.ne(0) as usize;
-        let f = gate_exps.shape.ne(1) as usize;
         let active: Vec<(usize, &[(usize, f32)])> = routes
             .iter()
             .enumerate()
             .filter(|(_, r)| !r.is_empty())
             .map(|(e, r)| (e, r.as_slice()))
             .collect();
-        let expert = |&(e, route): &(usize, &[(usize, f32)])| -> BackendResult<Vec<f32>> {
-            let m = route.len();
-            let mut xe = vec![0.0f32; m * d];
-            for (i, &(t, _)) in route.iter().enumerate() {
-                xe[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            let (mut g, mut u) = (vec![0.0f32; m * f], vec![0.0f32; m * f]);
-            self.matmul(gate_exps, e * f..(e + 1) * f, &xe, m, &mut g)?;
-            self.matmul(up_exps, e * f..(e + 1) * f, &xe, m, &mut u)?;
-            for (i, &(_, w)) in route.iter().enumerate() {
-                // The route weight multiplies before the down projection (MODEL.md D5).
-                self.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
-            }
-            let mut ye = vec![0.0f32; m * d];
-            self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
-            Ok(ye)
+        let expert = |&(e, route): &(usize, &[(usize, f32)])| {
+            self.moe_expert(gate_exps, up_exps, down_exps, e, route, clamp, x)
         };
         let outs: Vec<BackendResult<Vec<f32>>> = active.par_iter().map(expert).collect();
         for (&(_, route), ye) in active.iter().zip(outs) {

@@ -34,6 +34,7 @@
 //!
 //! Most callers want [`crate::engine::Engine::demo`], which bundles both.
 
+use crate::rng::SplitMix;
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::{Arc, OnceLock};
@@ -278,31 +279,6 @@ impl RandomSource {
             })
             .collect();
         RandomSource { tensors }
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed generator; one stream per (tensor, chunk).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 24 bits.
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Approximately standard normal: the centred sum of four uniforms, rescaled to unit
-    /// variance (Irwin-Hall). Cheap, and the exact distribution does not matter here.
-    fn normal(&mut self) -> f32 {
-        let s = self.uniform() + self.uniform() + self.uniform() + self.uniform();
-        (s - 2.0) * 3.0f32.sqrt()
     }
 }
 

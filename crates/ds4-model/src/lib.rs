@@ -39,6 +39,7 @@ pub mod forward;
 pub mod gguf;
 pub mod hub_quant;
 pub mod numerics;
+mod rng;
 pub mod session;
 pub mod state;
 pub mod synthetic;

@@ -12,6 +12,7 @@
 //! Generation cost is dominated by the IQ2_XXS quantization of the routed gate/up experts
 //! (a few MB/s per thread); it runs rows in parallel on the current rayon pool.
 
+use crate::rng::SplitMix;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -240,24 +241,6 @@ impl SyntheticSource {
     /// Every tensor name, in no particular order (the converter orders them).
     pub fn names(&self) -> Vec<&str> {
         self.tensors.keys().map(String::as_str).collect()
-    }
-}
-
-/// SplitMix64: a tiny, seedable generator; plenty for benchmark weights.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 }
 

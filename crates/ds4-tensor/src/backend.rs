@@ -143,6 +143,40 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `weights` `[n_head]` (scale already folded in), `rows` `[n_rows, head_dim]`.
     fn indexer_scores(&self, q: &[f32], weights: &[f32], rows: &[f32], scores: &mut [f32]);
 
+    /// One routed expert `e` over the tokens routed to it (`route`, as in
+    /// [`Backend::moe_routed`]): returns `[route.len(), d]`, row `i` being
+    /// `W2[e] @ (w_i * SwiGLU(W1[e] @ x[t_i], W3[e] @ x[t_i]))`. The building block of every
+    /// `moe_routed` body, sequential or parallel, so they all compute each expert the same way.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_expert(
+        &self,
+        gate_exps: &HostTensor,
+        up_exps: &HostTensor,
+        down_exps: &HostTensor,
+        e: usize,
+        route: &[(usize, f32)],
+        clamp: f32,
+        x: &[f32],
+    ) -> BackendResult<Vec<f32>> {
+        let d = gate_exps.shape.ne(0) as usize;
+        let f = gate_exps.shape.ne(1) as usize;
+        let m = route.len();
+        let mut xe = vec![0.0f32; m * d];
+        for (i, &(t, _)) in route.iter().enumerate() {
+            xe[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+        }
+        let (mut g, mut u) = (vec![0.0f32; m * f], vec![0.0f32; m * f]);
+        self.matmul(gate_exps, e * f..(e + 1) * f, &xe, m, &mut g)?;
+        self.matmul(up_exps, e * f..(e + 1) * f, &xe, m, &mut u)?;
+        for (i, &(_, w)) in route.iter().enumerate() {
+            // The route weight multiplies before the down projection (MODEL.md D5).
+            self.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
+        }
+        let mut ye = vec![0.0f32; m * d];
+        self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
+        Ok(ye)
+    }
+
     /// Routed experts of a chunk (MODEL.md s3.11): for every expert `e`, the tokens routed to
     /// it are `routes[e]` as `(token, route_weight)` pairs (one pair per selection slot), and
     /// `y[t] += W2[e] @ (route_weight * SwiGLU(W1[e] @ x[t], W3[e] @ x[t]))`.
@@ -164,22 +198,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         y: &mut [f32],
     ) -> BackendResult<()> {
         let d = gate_exps.shape.ne(0) as usize;
-        let f = gate_exps.shape.ne(1) as usize;
         for (e, route) in routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            let m = route.len();
-            let mut xe = vec![0.0f32; m * d];
-            for (i, &(t, _)) in route.iter().enumerate() {
-                xe[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            let (mut g, mut u) = (vec![0.0f32; m * f], vec![0.0f32; m * f]);
-            self.matmul(gate_exps, e * f..(e + 1) * f, &xe, m, &mut g)?;
-            self.matmul(up_exps, e * f..(e + 1) * f, &xe, m, &mut u)?;
-            for (i, &(_, w)) in route.iter().enumerate() {
-                // The route weight multiplies before the down projection (MODEL.md D5).
-                self.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
-            }
-            let mut ye = vec![0.0f32; m * d];
-            self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
+            let ye = self.moe_expert(gate_exps, up_exps, down_exps, e, route, clamp, x)?;
             for (i, &(t, _)) in route.iter().enumerate() {
                 y[t * d..(t + 1) * d]
                     .iter_mut()
