@@ -177,18 +177,20 @@ impl DiskCache {
             .filter(|t| prompt.starts_with(t))
             .map_or(0, <[u32]>::len);
         // Another conversation replaces the live one: keep it on disk first.
-        if !session_prefix && common < self.policy.min_tokens && snap_prefix == 0 {
-            if let Some(n) = self.policy.evict_target(held.len()) {
-                let tokens = held[..n].to_vec();
-                self.save(
-                    tok,
-                    session.snapshot(),
-                    &tokens,
-                    n_ctx,
-                    SaveReason::Evict,
-                    false,
-                );
-            }
+        if !session_prefix
+            && common < self.policy.min_tokens
+            && snap_prefix == 0
+            && let Some(n) = self.policy.evict_target(held.len())
+        {
+            let tokens = held[..n].to_vec();
+            self.save(
+                tok,
+                session.snapshot(),
+                &tokens,
+                n_ctx,
+                SaveReason::Evict,
+                false,
+            );
         }
         let live_reuse = if session_prefix {
             held.len()
@@ -252,8 +254,8 @@ impl DiskCache {
             targets.push((t, SaveReason::Cold));
         }
         let step = self.policy.continued_step();
-        if step > 0 {
-            let mut m = (start.max(frontier.last) / step + 1) * step;
+        if let Some(q) = start.max(frontier.last).checked_div(step) {
+            let mut m = (q + 1) * step;
             while m <= prompt.len() {
                 if let Some(t) = self.policy.continued_target(m, frontier) {
                     targets.push((t, SaveReason::Continued));
