@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ds4_api::{AppState, ModelEngine, ServerConfig};
+use ds4_api::{AppState, DiskCacheConfig, ModelEngine, ServerConfig};
 use ds4_model::LoadOptions;
 
 /// OpenAI- and Anthropic-compatible HTTP server for DeepSeek V4 Flash.
@@ -65,12 +65,31 @@ struct Args {
     /// Max tool ids kept in the replay map.
     #[arg(long = "tool-memory-max-ids", default_value_t = 100_000)]
     tool_memory_max_ids: usize,
-    /// Disk KV cache directory (parsed; not wired into serving yet, see docs/SERVER.md).
+    /// Disk KV cache directory: prompt prefixes are saved here and restored by later
+    /// requests (and after a restart). Off when unset.
     #[arg(long = "kv-disk-dir")]
     kv_disk_dir: Option<PathBuf>,
-    /// Disk KV cache budget in MiB (parsed; not wired yet).
+    /// Disk KV cache budget in MiB (a hard cap; old entries are evicted).
     #[arg(long = "kv-disk-space-mb", default_value_t = 4096)]
     kv_disk_space_mb: u64,
+    /// Never save or load checkpoints shorter than this many tokens.
+    #[arg(long = "kv-cache-min-tokens", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_cache_min_tokens: u64,
+    /// Cold-save first prompts up to this length (0 disables cold saves).
+    #[arg(long = "kv-cache-cold-max-tokens", default_value_t = 30000)]
+    kv_cache_cold_max_tokens: u64,
+    /// Save a continued checkpoint every ~N prompt tokens (0 disables).
+    #[arg(long = "kv-cache-continued-interval-tokens", default_value_t = 10000)]
+    kv_cache_continued_interval_tokens: u64,
+    /// Tokens trimmed from the tail of cold saves.
+    #[arg(long = "kv-cache-boundary-trim-tokens", default_value_t = 32)]
+    kv_cache_boundary_trim_tokens: u64,
+    /// Cold and continued save lengths are multiples of this (0 disables).
+    #[arg(long = "kv-cache-boundary-align-tokens", default_value_t = 2048)]
+    kv_cache_boundary_align_tokens: u64,
+    /// Only reuse entries written with the same weight types (quantization).
+    #[arg(long = "kv-cache-reject-different-quant")]
+    kv_cache_reject_different_quant: bool,
 }
 
 fn main() -> ExitCode {
@@ -109,12 +128,27 @@ fn run(args: Args) -> Result<()> {
         // SAFETY: single-threaded here: no other thread exists yet to read the environment.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
     }
-    if args.kv_disk_dir.is_some() {
-        eprintln!(
-            "ds4-server: warning: --kv-disk-dir is parsed but the disk KV cache is not wired into the server yet ({} MiB budget ignored)",
-            args.kv_disk_space_mb
-        );
-    }
+    let disk = match &args.kv_disk_dir {
+        Some(dir) => {
+            let policy = ds4_kvcache::Policy {
+                min_tokens: args.kv_cache_min_tokens as usize,
+                cold_max_tokens: args.kv_cache_cold_max_tokens as usize,
+                continued_interval_tokens: args.kv_cache_continued_interval_tokens as usize,
+                boundary_trim_tokens: args.kv_cache_boundary_trim_tokens as usize,
+                boundary_align_tokens: args.kv_cache_boundary_align_tokens as usize,
+                reject_different_quant: args.kv_cache_reject_different_quant,
+            };
+            if let Err(e) = policy.validate() {
+                bail!("--kv-cache-*: {e}");
+            }
+            Some(DiskCacheConfig {
+                dir: dir.clone(),
+                space_mb: args.kv_disk_space_mb,
+                policy,
+            })
+        }
+        None => None,
+    };
     let config = ServerConfig {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         cors: args.cors,
@@ -150,7 +184,7 @@ fn run(args: Args) -> Result<()> {
         let model = args.model.clone();
         std::thread::Builder::new()
             .name("ds4-load".into())
-            .spawn(move || match load(model, n_ctx) {
+            .spawn(move || match load(model, n_ctx, disk.as_ref()) {
                 Ok(engine) => {
                     st.set_engine(Arc::new(engine));
                     eprintln!("ds4-server: model ready (ctx={n_ctx})");
@@ -161,9 +195,15 @@ fn run(args: Args) -> Result<()> {
                 }
             })
             .context("starting the loader thread")?;
-        ds4_api::serve(listener, state, shutdown_signal())
+        ds4_api::serve(listener, state.clone(), shutdown_signal())
             .await
             .context("serving")?;
+        // The worker was told to stop; the shutdown save waits for the running job.
+        if let Some(engine) = state.engine() {
+            tokio::task::spawn_blocking(move || engine.shutdown())
+                .await
+                .context("shutdown save")?;
+        }
         eprintln!("ds4-server: shut down");
         Ok(())
     })
@@ -187,7 +227,11 @@ async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
     }
 }
 
-fn load(model: Option<PathBuf>, n_ctx: usize) -> Result<ModelEngine> {
+fn load(
+    model: Option<PathBuf>,
+    n_ctx: usize,
+    disk: Option<&DiskCacheConfig>,
+) -> Result<ModelEngine> {
     let opts = LoadOptions::default();
     let default = PathBuf::from("ds4flash.gguf");
     let engine = match model {
@@ -208,7 +252,14 @@ fn load(model: Option<PathBuf>, n_ctx: usize) -> Result<ModelEngine> {
             ds4_model::Engine::demo(&opts).context("building the demo model")?
         }
     };
-    Ok(ModelEngine::new(engine, n_ctx)?)
+    if let Some(d) = disk {
+        eprintln!(
+            "ds4-server: disk KV cache at {} ({} MiB)",
+            d.dir.display(),
+            d.space_mb
+        );
+    }
+    Ok(ModelEngine::with_disk_cache(engine, n_ctx, disk)?)
 }
 
 async fn shutdown_signal() {

@@ -192,3 +192,104 @@ fn api_key_and_graceful_shutdown() {
     let log: Vec<String> = s.log.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("shut down")), "{log:?}");
 }
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (status, text) = http(addr, "GET", "/metrics", "", &[]);
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
+}
+
+fn sigterm_and_wait(s: &mut Server) {
+    let pid = s.child.id().to_string();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+fn n_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "rkv"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn disk_kv_cache_survives_restart_and_saves_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("ds4-kvwire-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().expect("utf8 dir");
+    let flags = [
+        "--kv-disk-dir",
+        d,
+        "--kv-cache-min-tokens",
+        "16",
+        "--kv-cache-boundary-align-tokens",
+        "0",
+    ];
+    let system = "You are a careful assistant. ".repeat(12);
+    let body = serde_json::json!({
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Say something."}
+        ],
+        "max_tokens": 6,
+        // Thinking mode ignores temperature; a fixed seed makes the sampler reproducible,
+        // so equal outputs mean equal logits after the restored prefix.
+        "temperature": 0,
+        "seed": 7
+    })
+    .to_string();
+    let content = |text: &str| -> String {
+        let v: Value = serde_json::from_str(text).expect("json");
+        v["choices"][0]["message"].to_string()
+    };
+
+    // Uncached run: a cold save of the stable prefix.
+    let mut a = start(&flags);
+    let (st, first) = http(&a.addr, "POST", "/v1/chat/completions", &body, &[]);
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(metric(&a.addr, "ds4_kv_cache_misses_total"), 1.0);
+    assert_eq!(metric(&a.addr, "ds4_kv_cache_hits_total"), 0.0);
+    sigterm_and_wait(&mut a);
+    drop(a);
+    let after_first = n_files(&dir);
+    // The cold save of the prompt prefix and the shutdown save of the live session.
+    assert!(after_first >= 2, "{after_first} cache files in {d}");
+
+    // Restarted server, same directory: the prefix comes from disk, same greedy output.
+    let mut b = start(&flags);
+    let (st, second) = http(&b.addr, "POST", "/v1/chat/completions", &body, &[]);
+    assert_eq!(st, 200, "{second}");
+    assert_eq!(content(&first), content(&second));
+    assert_eq!(metric(&b.addr, "ds4_kv_cache_hits_total"), 1.0);
+    assert!(metric(&b.addr, "ds4_kv_cache_reused_tokens_total") > 0.0);
+    assert!(metric(&b.addr, "ds4_kv_cache_disk_bytes") > 0.0);
+    let v: Value = serde_json::from_str(&second).expect("json");
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{second}"
+    );
+    sigterm_and_wait(&mut b);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}

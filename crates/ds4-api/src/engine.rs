@@ -9,11 +9,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use ds4_kvcache::Frontier;
 use ds4_model::chat::Prompt;
 use ds4_model::dsml::{self, ParseOptions};
 use ds4_model::generate::{self, Event, GenOptions, Outcome, PrefixCache};
 use ds4_model::tokenizer::Tokenizer;
 use ds4_model::{Model, Session};
+
+use crate::kvdisk::{DiskCache, DiskCacheConfig, KvStats};
 
 /// Static facts about the loaded engine.
 #[derive(Debug, Clone)]
@@ -45,6 +48,9 @@ pub enum EngineError {
     /// Tokenization failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The disk KV cache could not be opened.
+    #[error("kv cache: {0}")]
+    KvCache(String),
 }
 
 /// What the HTTP layer calls. `generate` is only ever called from the worker thread.
@@ -68,6 +74,15 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Tokens currently held by the live session (for `/metrics` and `/health`).
     fn live_tokens(&self) -> usize;
+
+    /// Disk KV cache counters, when a disk cache is configured.
+    fn kv_stats(&self) -> Option<KvStats> {
+        None
+    }
+
+    /// Graceful shutdown: persist what should outlive the process (the shutdown save of
+    /// the disk KV cache). Called once, after the worker stopped taking jobs.
+    fn shutdown(&self) {}
 }
 
 /// The real engine: a `ds4_model` model, its tokenizer and the one live session.
@@ -82,11 +97,13 @@ pub struct ModelEngine {
     live: Mutex<Live>,
     live_tokens: std::sync::atomic::AtomicUsize,
     prefill_chunk: usize,
+    disk: Option<DiskCache>,
 }
 
 struct Live {
     session: Session<'static>,
     cache: PrefixCache,
+    frontier: Frontier,
 }
 
 impl std::fmt::Debug for ModelEngine {
@@ -101,7 +118,24 @@ impl std::fmt::Debug for ModelEngine {
 impl ModelEngine {
     /// Wraps a loaded `ds4_model::Engine` with one session of `n_ctx` tokens.
     pub fn new(engine: ds4_model::Engine, n_ctx: usize) -> Result<ModelEngine, EngineError> {
+        ModelEngine::with_disk_cache(engine, n_ctx, None)
+    }
+
+    /// Like [`ModelEngine::new`], with the disk KV cache of `disk` (its store is opened and
+    /// indexed here, tagged with the model's identity).
+    pub fn with_disk_cache(
+        engine: ds4_model::Engine,
+        n_ctx: usize,
+        disk: Option<&DiskCacheConfig>,
+    ) -> Result<ModelEngine, EngineError> {
         let tok = engine.tokenizer()?.clone();
+        let disk = match disk {
+            Some(cfg) => Some(
+                DiskCache::open(cfg, crate::kvdisk::identity_of(&engine.model), &tok)
+                    .map_err(|e| EngineError::KvCache(e.to_string()))?,
+            ),
+            None => None,
+        };
         let name = engine.name.clone();
         let model: &'static Model = &Box::leak(Box::new(engine)).model;
         Ok(ModelEngine {
@@ -111,9 +145,11 @@ impl ModelEngine {
             live: Mutex::new(Live {
                 session: Session::new(model, n_ctx),
                 cache: PrefixCache::new(),
+                frontier: Frontier::default(),
             }),
             live_tokens: std::sync::atomic::AtomicUsize::new(0),
             prefill_chunk: 256,
+            disk,
         })
     }
 }
@@ -142,18 +178,42 @@ impl Engine for ModelEngine {
         // A panic in a previous generation poisons the lock; the session is then reset
         // by the prefix check (its tokens no longer match), so recovering is safe.
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let Live { session, cache } = &mut *live;
+        let Live {
+            session,
+            cache,
+            frontier,
+        } = &mut *live;
         let mut opts = opts.clone();
         opts.prefill_chunk = self.prefill_chunk;
-        let res = generate::generate(
-            session,
-            &self.tok,
-            prompt,
-            &opts,
-            Some(cache),
-            on_progress,
-            on_event,
-        );
+        let prepared = match &self.disk {
+            Some(d) => d.before_generate(
+                &self.tok,
+                session,
+                cache,
+                frontier,
+                prompt,
+                &opts,
+                on_progress,
+            ),
+            None => Ok(Default::default()),
+        };
+        let res = prepared.and_then(|p| {
+            generate::generate(
+                session,
+                &self.tok,
+                prompt,
+                &opts,
+                Some(cache),
+                on_progress,
+                on_event,
+            )
+            .map(|mut o| {
+                // Tokens prefilled to reach the save points were work of this request.
+                o.usage.cached_tokens = o.usage.cached_tokens.saturating_sub(p.prefed);
+                o.timings.prefill_tokens += p.prefed;
+                o
+            })
+        });
         self.live_tokens
             .store(session.n_past(), std::sync::atomic::Ordering::Relaxed);
         let outcome = res?;
@@ -182,5 +242,16 @@ impl Engine for ModelEngine {
 
     fn live_tokens(&self) -> usize {
         self.live_tokens.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn kv_stats(&self) -> Option<KvStats> {
+        self.disk.as_ref().map(DiskCache::stats)
+    }
+
+    fn shutdown(&self) {
+        if let Some(d) = &self.disk {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            d.shutdown(&self.tok, &live.session);
+        }
     }
 }

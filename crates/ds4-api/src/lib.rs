@@ -32,6 +32,7 @@ pub mod anthropic;
 pub mod engine;
 pub mod error;
 pub mod fake;
+pub mod kvdisk;
 pub mod metrics;
 pub mod openai;
 pub mod request;
@@ -41,4 +42,5 @@ pub mod worker;
 
 pub use engine::{Engine, EngineInfo, Generation, ModelEngine};
 pub use error::{ApiError, Flavor};
+pub use kvdisk::{DiskCacheConfig, KvStats};
 pub use server::{AppState, ServerConfig, router, serve};

@@ -221,3 +221,43 @@ impl Metrics {
         s
     }
 }
+
+/// Prometheus text for the disk KV cache counters and gauges.
+pub fn render_kv(kv: &crate::kvdisk::KvStats) -> String {
+    let mut s = String::new();
+    for (name, kind, help, v) in [
+        (
+            "ds4_kv_cache_hits_total",
+            "counter",
+            "Requests whose prompt prefix was restored from the disk KV cache.",
+            kv.hits,
+        ),
+        (
+            "ds4_kv_cache_misses_total",
+            "counter",
+            "Requests that found neither a live nor a stored prefix.",
+            kv.misses,
+        ),
+        (
+            "ds4_kv_cache_reused_tokens_total",
+            "counter",
+            "Prompt tokens restored from disk instead of prefilled.",
+            kv.reused_tokens,
+        ),
+        (
+            "ds4_kv_cache_disk_bytes",
+            "gauge",
+            "Bytes held by the disk KV cache directory.",
+            kv.disk_bytes,
+        ),
+        (
+            "ds4_kv_cache_budget_bytes",
+            "gauge",
+            "Space budget of the disk KV cache.",
+            kv.budget_bytes,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    s
+}

@@ -321,9 +321,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .engine()
         .map_or((0, 0), |e| (e.live_tokens(), e.info().n_ctx));
     let depth = state.worker().map_or(0, Worker::queue_depth);
-    let body = state
+    let mut body = state
         .metrics
         .render(depth, live, n_ctx, state.engine().is_some());
+    if let Some(kv) = state.engine().and_then(|e| e.kv_stats()) {
+        body.push_str(&crate::metrics::render_kv(&kv));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
