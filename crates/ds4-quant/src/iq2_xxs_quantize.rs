@@ -35,7 +35,7 @@ use std::sync::OnceLock;
 
 use crate::blocks::{BlockIq2Xxs, QK_K};
 use crate::f16::f32_to_f16;
-use crate::kquant::{nearest_int, positive_fit};
+use crate::kquant::{for_each_weighted_block, nearest_int, positive_fit};
 use crate::tables::KGRID_2BIT_256;
 
 /// Highest level plus one: levels are 0, 1, 2 and stand for the odd values 1, 3, 5.
@@ -238,18 +238,9 @@ pub fn quantize(x: &[f32], importance: Option<&[f32]>, out: &mut [BlockIq2Xxs]) 
                 *b = quantize_block(lattice, x, &sq);
             }
         }
-        Some(imp) => {
-            check_importance(x.len(), imp);
-            let blocks_per_row = imp.len() / QK_K;
-            for (idx, (x, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
-                let col = (idx % blocks_per_row) * QK_K;
-                *b = quantize_block(
-                    lattice,
-                    x.try_into().expect("chunk of 256"),
-                    imp[col..col + QK_K].try_into().expect("slice of 256"),
-                );
-            }
-        }
+        Some(imp) => for_each_weighted_block(x, imp, out, |x, w, b| {
+            *b = quantize_block(lattice, x, w);
+        }),
     }
 }
 
@@ -307,15 +298,6 @@ pub fn column_energy(x: &[f32], n_cols: usize) -> Vec<f32> {
         }
     }
     energy
-}
-
-/// Checks that an importance vector weighs whole rows of whole blocks.
-fn check_importance(x_len: usize, imp: &[f32]) {
-    assert!(
-        !imp.is_empty() && imp.len() % QK_K == 0 && x_len % imp.len() == 0,
-        "iq2_xxs: importance vector of {} values does not fit {x_len} values",
-        imp.len()
-    );
 }
 
 // =========================================================================================

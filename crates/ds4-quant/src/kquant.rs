@@ -231,6 +231,33 @@ pub(crate) fn check_importance(x_len: usize, importance: &[f32]) {
     );
 }
 
+/// Calls `quantize_block(x_block, importance_block, out_block)` for every 256-value block of
+/// `x`, pairing each block with the importance weights of its columns (`x` holds whole rows of
+/// `importance.len()` values). The one block loop of every importance-weighted quantizer.
+///
+/// # Panics
+/// If the importance vector does not fit (see [`check_importance`]).
+pub(crate) fn for_each_weighted_block<B>(
+    x: &[f32],
+    importance: &[f32],
+    out: &mut [B],
+    mut quantize_block: impl FnMut(&[f32; crate::QK_K], &[f32; crate::QK_K], &mut B),
+) {
+    use crate::QK_K;
+    check_importance(x.len(), importance);
+    let blocks_per_row = importance.len() / QK_K;
+    for (idx, (x, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+        let col = (idx % blocks_per_row) * QK_K;
+        quantize_block(
+            x.try_into().expect("chunk of 256"),
+            importance[col..col + QK_K]
+                .try_into()
+                .expect("slice of 256"),
+            b,
+        );
+    }
+}
+
 /// Whether an importance vector of `imp_len` weights can weigh `x_len` values: one weight
 /// per column, whole rows of whole 256-value blocks.
 pub(crate) fn fits_importance(x_len: usize, imp_len: usize) -> bool {

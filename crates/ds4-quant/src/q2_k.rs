@@ -13,7 +13,7 @@
 
 use crate::blocks::{BlockQ2K, BlockQ8K, QK_K};
 use crate::f16::f32_to_f16;
-use crate::kquant::{AffineSearch, affine_fit, check_importance, nearest_int, positive_fit};
+use crate::kquant::{AffineSearch, affine_fit, for_each_weighted_block, nearest_int, positive_fit};
 
 /// The quant of element `e` (0..3).
 #[inline]
@@ -85,18 +85,7 @@ pub fn quantize(x: &[f32], importance: Option<&[f32]>, out: &mut [BlockQ2K]) {
                 quantize_block_ref(x.try_into().expect("chunk of 256"), b);
             }
         }
-        Some(imp) => {
-            check_importance(x.len(), imp);
-            let blocks_per_row = imp.len() / QK_K;
-            for (idx, (x, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
-                let col = (idx % blocks_per_row) * QK_K;
-                quantize_block_weighted(
-                    x.try_into().expect("chunk of 256"),
-                    imp[col..col + QK_K].try_into().expect("slice of 256"),
-                    b,
-                );
-            }
-        }
+        Some(imp) => for_each_weighted_block(x, imp, out, quantize_block_weighted),
     }
 }
 

@@ -13,7 +13,7 @@
 
 use crate::blocks::{BlockQ4K, BlockQ8K, QK_K};
 use crate::f16::f32_to_f16;
-use crate::kquant::{AffineSearch, affine_fit, check_importance, nearest_int, positive_fit};
+use crate::kquant::{AffineSearch, affine_fit, for_each_weighted_block, nearest_int, positive_fit};
 
 /// The 6-bit scale and min of sub-block `j` (0..8) from the packed scale bytes (ggml's
 /// `get_scale_min_k4`).
@@ -117,18 +117,7 @@ pub fn quantize(x: &[f32], importance: Option<&[f32]>, out: &mut [BlockQ4K]) {
                 quantize_block_ref(x.try_into().expect("chunk of 256"), b);
             }
         }
-        Some(imp) => {
-            check_importance(x.len(), imp);
-            let blocks_per_row = imp.len() / QK_K;
-            for (idx, (x, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
-                let col = (idx % blocks_per_row) * QK_K;
-                quantize_block_weighted(
-                    x.try_into().expect("chunk of 256"),
-                    imp[col..col + QK_K].try_into().expect("slice of 256"),
-                    b,
-                );
-            }
-        }
+        Some(imp) => for_each_weighted_block(x, imp, out, quantize_block_weighted),
     }
 }
 
