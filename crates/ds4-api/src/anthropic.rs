@@ -415,16 +415,6 @@ enum Block {
 pub async fn messages(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match messages_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn messages_inner(
-    state: AppState,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
     let req: MessagesRequest = parse_json(&bytes, F)?;

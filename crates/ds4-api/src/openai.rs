@@ -475,15 +475,8 @@ fn engine_error(flavor: Flavor, e: String) -> ApiError {
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    match chat_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(
-    state: AppState,
+pub async fn chat(
+    State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
@@ -673,16 +666,6 @@ struct CompletionRequest {
 /// as-is, special tokens included (the client wrote the whole prompt).
 pub async fn completions(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match completions_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(
-    state: AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(body, F)?;
