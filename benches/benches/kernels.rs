@@ -103,39 +103,57 @@ fn memory_read(c: &mut Criterion) {
     group.finish();
 }
 
+/// The implementations of ds4 benchmarked for `dtype`: `ds4` (the fastest table of this
+/// CPU) and, for the 2-bit expert formats on a CPU whose best table is AVX-512 VBMI,
+/// `ds4avx512` (the AVX-512 VNNI table, the previous kernels), so that the two run side by
+/// side in one process.
+fn ds4_impls(dtype: DType) -> Vec<(&'static str, gemv::Gemv)> {
+    use ds4_quant::simd::{Isa, Kernels};
+    let mut impls = vec![("ds4", gemv::Gemv::new())];
+    if matches!(dtype, DType::Iq2Xxs | DType::Q2K)
+        && gemv::Gemv::new().kernels().isa == Isa::Avx512Vbmi
+        && let Some(k) = Kernels::for_isa(Isa::Avx512Vnni)
+    {
+        impls.push(("ds4avx512", gemv::Gemv::with_kernels(k)));
+    }
+    impls
+}
+
 fn ds4_matvec(c: &mut Criterion) {
     for dtype in TYPES {
         let mut group = c.benchmark_group(format!("cpu_matvec_{}", type_id(dtype)));
         for shape in SHAPES {
             group.throughput(Throughput::Bytes(matrix_bytes(dtype, shape) as u64));
             for threads in thread_counts() {
-                let id = BenchmarkId::new(format!("ds4_t{threads}"), shape.name);
-                group.bench_function(id, |b| {
-                    // Set up inside the closure: skipped when the id is filtered out.
-                    let copies = matrix_copies(dtype, shape);
-                    let x = random_activations(shape.n_cols, 7);
-                    let mut y = vec![0.0f32; shape.n_rows];
-                    let p = pool(threads);
-                    // One untimed pass over every copy, as for candle.
-                    for w in &copies {
-                        p.install(|| {
-                            gemv::matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
-                        })
-                        .expect("valid shapes");
-                    }
-                    let mut i = 0;
-                    b.iter_custom(|n| {
-                        best_of(n, 1, || {
-                            let w = &copies[i % copies.len()];
-                            i += 1;
+                for (name, g) in ds4_impls(dtype) {
+                    let id = BenchmarkId::new(format!("{name}_t{threads}"), shape.name);
+                    group.bench_function(id, |b| {
+                        // Set up inside the closure: skipped when the id is filtered out.
+                        let copies = matrix_copies(dtype, shape);
+                        let x = random_activations(shape.n_cols, 7);
+                        let mut y = vec![0.0f32; shape.n_rows];
+                        let p = pool(threads);
+                        // One untimed pass over every copy, as for candle.
+                        for w in &copies {
                             p.install(|| {
-                                gemv::matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
+                                g.matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
                             })
                             .expect("valid shapes");
-                            black_box(&y);
+                        }
+                        let mut i = 0;
+                        b.iter_custom(|n| {
+                            best_of(n, 1, || {
+                                let w = &copies[i % copies.len()];
+                                i += 1;
+                                p.install(|| {
+                                    g.matvec(dtype, w, shape.n_rows, shape.n_cols, &x, &mut y)
+                                })
+                                .expect("valid shapes");
+                                black_box(&y);
+                            })
                         })
-                    })
-                });
+                    });
+                }
             }
         }
         group.finish();
@@ -327,6 +345,118 @@ fn dot_in_cache(c: &mut Criterion) {
     }
 }
 
+/// The multi-token kernels of the 2-bit expert formats: one 4096-value row hot in L1
+/// against 8 tokens (`cpu_dot8_<format>/<isa>`). Throughput counts the weight bytes once
+/// per token (8x the row), so it compares directly with `cpu_dot_*`: the gain is what
+/// decoding a weight block once for 8 tokens buys in prefill.
+fn dot8_in_cache(c: &mut Criterion) {
+    use ds4_quant::simd::{Kernels, supported};
+    use ds4_quant::{BlockIq2Xxs, BlockQ2K, BlockQ8K};
+    const N: usize = 8;
+    let shape = MatShape {
+        name: "row",
+        n_rows: 1,
+        n_cols: 4096,
+    };
+    let x = random_activations(N * shape.n_cols, 3);
+    let xk: Vec<BlockQ8K> = gemv::quantize_q8k(&x).expect("valid");
+    for dtype in [DType::Iq2Xxs, DType::Q2K] {
+        let w = random_matrix(dtype, shape, 5);
+        let mut group = c.benchmark_group(format!("cpu_dot8_{}", type_id(dtype)));
+        group.throughput(Throughput::Bytes((N * w.len()) as u64));
+        for isa in supported() {
+            let k = Kernels::for_isa(isa).expect("supported");
+            let mut out = [0.0f32; N];
+            group.bench_function(isa.name(), |b| {
+                if dtype == DType::Iq2Xxs {
+                    let w: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&w);
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            (k.iq2xxs_q8k_n)(black_box(&w), black_box(&xk), &mut out);
+                            black_box(&out);
+                        })
+                    })
+                } else {
+                    let w: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&w);
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            (k.q2k_q8k_n)(black_box(&w), black_box(&xk), &mut out);
+                            black_box(&out);
+                        })
+                    })
+                }
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Small-batch matmul (prefill-like): one 4096 x 4096 matrix against 8 and 32 tokens, ds4's
+/// batched `matmul` (the multi-token kernels) against one `matvec` per token (what every
+/// token cost before them) and candle's `QMatMul` on a `(n, 4096)` tensor. One thread for
+/// ds4; candle as `CANDLE_NUM_THREADS` says. Ids: `cpu_matmul_batch_<format>/<impl>/<n>tok`.
+/// Throughput: weight bytes x tokens (GB/s of "weight-token" work).
+fn small_batch_matmul(c: &mut Criterion) {
+    let label = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "auto".into());
+    let shape = MatShape {
+        name: "4096x4096",
+        n_rows: 4096,
+        n_cols: 4096,
+    };
+    for (dtype, gg) in [(DType::Q8_0, GgmlDType::Q8_0), (DType::Q4K, GgmlDType::Q4K)] {
+        let mut group = c.benchmark_group(format!("cpu_matmul_batch_{}", type_id(dtype)));
+        let w = random_matrix(dtype, shape, 3);
+        for n_tok in [8usize, 32] {
+            group.throughput(Throughput::Bytes((w.len() * n_tok) as u64));
+            let xs = random_activations(n_tok * shape.n_cols, 9);
+            let g = gemv::Gemv::new();
+            let p = pool(1);
+            group.bench_function(BenchmarkId::new("ds4_t1", format!("{n_tok}tok")), |b| {
+                let mut ys = vec![0.0f32; n_tok * shape.n_rows];
+                b.iter_custom(|n| {
+                    best_of(n, 1, || {
+                        p.install(|| g.matmul(dtype, &w, shape.n_rows, shape.n_cols, &xs, &mut ys))
+                            .expect("valid shapes");
+                        black_box(&ys);
+                    })
+                })
+            });
+            group.bench_function(
+                BenchmarkId::new("ds4_rowwise_t1", format!("{n_tok}tok")),
+                |b| {
+                    let mut y = vec![0.0f32; shape.n_rows];
+                    b.iter_custom(|n| {
+                        best_of(n, 1, || {
+                            for x in xs.chunks_exact(shape.n_cols) {
+                                p.install(|| {
+                                    g.matvec(dtype, &w, shape.n_rows, shape.n_cols, x, &mut y)
+                                })
+                                .expect("valid shapes");
+                                black_box(&y);
+                            }
+                        })
+                    })
+                },
+            );
+            let id = BenchmarkId::new(format!("candle_t{label}"), format!("{n_tok}tok"));
+            group.bench_function(id, |b| {
+                let q = qtensor_from_ggml(gg, &w, vec![shape.n_rows, shape.n_cols], &Device::Cpu)
+                    .expect("candle qtensor");
+                let m = QMatMul::from_qtensor(q).expect("candle qmatmul");
+                let x = Tensor::from_vec(xs.clone(), (n_tok, shape.n_cols), &Device::Cpu)
+                    .expect("candle tensor");
+                black_box(m.forward(&x).expect("candle forward"));
+                b.iter_custom(|n| {
+                    best_of(n, 1, || {
+                        black_box(m.forward(&x).expect("candle forward"));
+                    })
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -337,6 +467,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = agree_with_candle, memory_read, dot_in_cache, ds4_matvec, candle_matvec
+    targets = agree_with_candle, memory_read, dot_in_cache, dot8_in_cache, ds4_matvec, candle_matvec,
+        small_batch_matmul
 }
 criterion_main!(benches);

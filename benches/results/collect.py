@@ -81,12 +81,37 @@ def main():
             print("| " + " | ".join(cells) + " |")
     print("\nIn-cache dot kernels (one 4096-value row, GB/s of weight bytes):\n")
     dots = sorted({r["group"] for r in rows if r["group"].startswith("cpu_dot_")})
-    isas = ["scalar", "avx2", "avx512"]
+    isas = ["scalar", "avx2", "avx512", "avx512vbmi"]
     print("| format | " + " | ".join(isas) + " |")
     print("|---|" + "---:|" * len(isas))
     for g in sorted(dots, key=lambda g: order.index(g[len("cpu_dot_"):]) if g[len("cpu_dot_"):] in order else 99):
         print("| " + g[len("cpu_dot_"):].upper() + " | " + " | ".join(
             f"{by[(g, i, '')]:.2f}" if (g, i, "") in by else "-" for i in isas) + " |")
+    # Multi-token kernels (cpu_dot8_*: one row against 8 tokens, weight bytes counted per token).
+    dots8 = sorted({r["group"] for r in rows if r["group"].startswith("cpu_dot8_")})
+    if dots8:
+        print("\nIn-cache multi-token dot kernels (one 4096-value row x 8 tokens, GB/s of weight bytes per token):\n")
+        print("| format | " + " | ".join(isas) + " |")
+        print("|---|" + "---:|" * len(isas))
+        for g in dots8:
+            print("| " + g[len("cpu_dot8_"):].upper() + " | " + " | ".join(
+                f"{by[(g, i, '')]:.2f}" if (g, i, "") in by else "-" for i in isas) + " |")
+    # New kernels next to the previous ones (ds4avx512_t*: the AVX-512 VNNI table), same run.
+    prev = sorted({(r["group"], r["param"]) for r in rows if r["function"].startswith("ds4avx512_t")})
+    if prev:
+        print("\nds4 (best table) vs the AVX-512 VNNI table (previous kernels), same run, GB/s:\n")
+        print("| format | shape | avx512 t1 | ds4 t1 | gain t1 | % bw t1 | avx512 t2 | ds4 t2 | gain t2 | % bw t2 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for g, sh in prev:
+            cells = [g[len("cpu_matvec_"):].upper(), sh]
+            for t in (1, 2):
+                old = by.get((g, f"ds4avx512_t{t}", sh))
+                new = by.get((g, f"ds4_t{t}", sh))
+                cells.append(f"{old:.2f}" if old else "-")
+                cells.append(f"{new:.2f}" if new else "-")
+                cells.append(f"{new / old:.2f}x" if old and new else "-")
+                cells.append(f"{100 * new / bw[t]:.0f}%" if new and bw[t] else "-")
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

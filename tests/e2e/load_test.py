@@ -6,8 +6,10 @@ Anthropic; every 5th streaming request hangs up after the first event (the serve
 cancel that generation and free the worker). 429 answers (queue full) are expected under
 this load and counted; anything else non-200 is an error. Every loop is bounded.
     DS4_URL=http://127.0.0.1:8000 python3 load_test.py [clients] [requests]
-Prints a summary line per outcome and the overall throughput; exits 1 on errors or if
-the server is no longer healthy afterwards.
+The burst runs twice; with DS4_PID (run.sh sets it) the server's resident memory is read
+from /proc before and after each, and growth during the second burst beyond allocator
+noise fails the test. Prints a summary line per outcome and the throughput; exits 1 on
+errors, growing memory, or if the server is no longer healthy afterwards.
 """
 import http.client
 import json
@@ -77,15 +79,39 @@ def client(c):
         one(c, i)
 
 
+def rss_mib():
+    """Resident memory of the server (DS4_PID, set by run.sh), or None."""
+    pid = os.environ.get("DS4_PID")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, TypeError, ValueError):
+        return None
+    return None
+
+
+def burst():
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+
+
+# Two identical bursts: the first warms every buffer and cache up; a leak shows as growth
+# during the second.
+rss0 = rss_mib()
 t0 = time.time()
-threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join(timeout=600)
+burst()
 wall = time.time() - t0
-for k in sorted(stats):
-    print(f"{stats[k]:5d}  {k}")
+rss1 = rss_mib()
+burst_stats = dict(stats)
+burst()
+rss2 = rss_mib()
+for k in sorted(burst_stats):
+    print(f"{burst_stats[k]:5d}  {k}   (first burst)")
 lat = sorted(latencies)
 if lat:
     print(f"completed latency: p50 {lat[len(lat) // 2]:.2f}s  p95 {lat[int(len(lat) * 0.95)]:.2f}s  max {lat[-1]:.2f}s")
@@ -95,4 +121,12 @@ conn.request("GET", "/health")
 healthy = conn.getresponse().status == 200
 print("server healthy afterwards" if healthy else "SERVER UNHEALTHY")
 errors = sum(v for k, v in stats.items() if k.startswith("error"))
-sys.exit(0 if healthy and errors == 0 else 1)
+print(f"both bursts: {sum(stats.values())} requests, {errors} errors")
+flat = True
+if None not in (rss0, rss1, rss2):
+    grew = rss2 - rss1
+    # Allocator noise on a few hundred MiB; a per-request leak over a whole burst is larger.
+    flat = grew <= 0.10 * rss1 + 16
+    print(f"server RSS: {rss0:.0f} MiB before, {rss1:.0f} after burst 1, {rss2:.0f} after burst 2 "
+          f"({'flat' if flat else 'GROWING'})")
+sys.exit(0 if healthy and errors == 0 and flat else 1)

@@ -19,7 +19,7 @@ trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 100); do grep -q "listening on" "$LOG" && break; sleep 0.1; done
 URL=$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$LOG" | head -1)
 for _ in $(seq 600); do curl -sf "$URL/health" >/dev/null && break; sleep 0.2; done
-export DS4_URL=$URL DS4_API_KEY=$KEY
+export DS4_URL=$URL DS4_API_KEY=$KEY DS4_PID=$PID
 "$PY" tests/e2e/sdk_test.py
 "$PY" tests/e2e/load_test.py "${CLIENTS:-32}" "${REQUESTS:-10}"
 kill -TERM $PID

@@ -136,6 +136,84 @@ def anthropic_count_tokens_and_errors():
         assert e.status_code == 400
 
 
+AN_TOOLS = [{"name": "get_weather", "description": "Weather for a city.",
+             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+RS_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city.",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+Q = "Weather in Rome?"
+
+
+# Agent loops: the demo model never calls a tool by itself, so turn 1 forces the call
+# (tool_choice, enforced by constrained decoding); turn 2 resends the whole history with
+# the tool result, which must re-render byte-identically (exact DSML replay by tool id)
+# and reuse the live KV prefix: everything but the last sampled token of turn 1.
+@case
+def openai_tool_loop_reuses_prefix():
+    msgs = [{"role": "user", "content": Q}]
+    r1 = oa.chat.completions.create(model="deepseek-chat", messages=msgs, max_tokens=48, tools=TOOLS,
+                                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    m = r1.choices[0].message
+    assert r1.choices[0].finish_reason == "tool_calls" and m.tool_calls[0].function.name == "get_weather", r1
+    msgs.append({"role": "assistant", "content": m.content,
+                 "tool_calls": [tc.model_dump(exclude_none=True) for tc in m.tool_calls]})
+    msgs.append({"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "21 C, sunny"})
+    r2 = oa.chat.completions.create(model="deepseek-chat", messages=msgs, max_tokens=2, tools=TOOLS)
+    want = r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    assert r2.usage.prompt_tokens_details.cached_tokens == want, (r2.usage, want)
+
+
+@case
+def anthropic_tool_loop_reuses_prefix():
+    msgs = [{"role": "user", "content": Q}]
+    m1 = an.messages.create(model="deepseek-chat", max_tokens=48, messages=msgs, tools=AN_TOOLS,
+                            tool_choice={"type": "tool", "name": "get_weather"})
+    uses = [b for b in m1.content if b.type == "tool_use"]
+    assert m1.stop_reason == "tool_use" and uses[0].name == "get_weather", m1
+    msgs.append({"role": "assistant", "content": m1.content})
+    msgs.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                              "content": "21 C, sunny"}]})
+    m2 = an.messages.create(model="deepseek-chat", max_tokens=2, messages=msgs, tools=AN_TOOLS)
+    p1 = m1.usage.input_tokens + (m1.usage.cache_read_input_tokens or 0)
+    want = p1 + m1.usage.output_tokens - 1
+    assert m2.usage.cache_read_input_tokens == want, (m2.usage, want)
+
+
+@case
+def responses_tool_loop_reuses_prefix():
+    r1 = oa.responses.create(model="deepseek-chat", input=Q, max_output_tokens=48, tools=RS_TOOLS,
+                             tool_choice={"type": "function", "name": "get_weather"})
+    calls = [o for o in r1.output if o.type == "function_call"]
+    assert r1.status == "completed" and calls[0].name == "get_weather", r1
+    items = [{"type": "message", "role": "user", "content": Q}]
+    items += [o.model_dump(exclude_none=True) for o in r1.output]
+    items.append({"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C, sunny"})
+    r2 = oa.responses.create(model="deepseek-chat", input=items, max_output_tokens=2, tools=RS_TOOLS)
+    want = r1.usage.input_tokens + r1.usage.output_tokens - 1
+    assert r2.usage.input_tokens_details.cached_tokens == want, (r2.usage, want)
+
+
+@case
+def tool_choice_required_streams_a_call():
+    names = []
+    for chunk in oa.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": Q}],
+                                            max_tokens=48, tools=TOOLS, tool_choice="required", stream=True):
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                if tc.function and tc.function.name:
+                    names.append(tc.function.name)
+    assert names == ["get_weather"], names
+    with an.messages.stream(model="deepseek-chat", max_tokens=48, messages=[{"role": "user", "content": Q}],
+                            tools=AN_TOOLS, tool_choice={"type": "any"}) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[-1].name == "get_weather", final
+    try:
+        oa.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], tools=TOOLS,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+        raise AssertionError("expected 400")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+
+
 failed = [(n, t) for n, t in results if t]
 for n, t in failed:
     print(f"FAIL {n}\n{t}", file=sys.stderr)

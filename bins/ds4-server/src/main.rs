@@ -37,7 +37,7 @@ struct Args {
     /// CPU threads for inference (default: rayon's choice, or DS4_THREADS).
     #[arg(short = 't', long = "threads", value_parser = clap::value_parser!(u64).range(1..=256))]
     threads: Option<u64>,
-    /// Backend: cpu (the only one built into this binary so far).
+    /// Backend: cpu or cuda (NVIDIA GPU 0; weights are uploaded to it at load).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Require this API key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on every
@@ -114,11 +114,21 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.backend != "cpu" {
-        bail!(
-            "backend {:?} is not available in this build (only cpu)",
-            args.backend
-        );
+    let device: ds4_model::device::Device = match args.backend.parse() {
+        Ok(d) => d,
+        Err(e) => bail!("--backend: {e}"),
+    };
+    // Fail before binding the port when the GPU is missing (a normal user mistake).
+    match device {
+        ds4_model::device::Device::Cpu => {}
+        ds4_model::device::Device::Cuda => {
+            if let Err(e) = ds4_backend_cuda::probe() {
+                bail!("--backend cuda: {e}");
+            }
+        }
+        ds4_model::device::Device::Metal => {
+            bail!("--backend metal: not available in this build (cpu or cuda)")
+        }
     }
     if let Some(t) = args.threads.or_else(|| {
         std::env::var("DS4_THREADS")
@@ -142,9 +152,9 @@ fn run(args: Args) -> Result<()> {
                 bail!("--kv-cache-*: {e}");
             }
             Some(DiskCacheConfig {
-                dir: dir.clone(),
                 space_mb: args.kv_disk_space_mb,
                 policy,
+                ..DiskCacheConfig::new(dir.clone())
             })
         }
         None => None,
@@ -162,9 +172,14 @@ fn run(args: Args) -> Result<()> {
             args.tool_memory_max_ids
         },
         trace: args.trace.clone(),
+        // Exact DSML replay survives restarts along with the disk KV checkpoints.
+        tool_memory_file: args
+            .kv_disk_dir
+            .as_ref()
+            .map(|d| d.join("tool-memory.jsonl")),
         ..ServerConfig::default()
     };
-    let state = AppState::new(config).context("opening the trace file")?;
+    let state = AppState::new(config).context("opening the trace or tool-memory file")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -184,7 +199,7 @@ fn run(args: Args) -> Result<()> {
         let model = args.model.clone();
         std::thread::Builder::new()
             .name("ds4-load".into())
-            .spawn(move || match load(model, n_ctx, disk.as_ref()) {
+            .spawn(move || match load(model, n_ctx, disk.as_ref(), device) {
                 Ok(engine) => {
                     st.set_engine(Arc::new(engine));
                     eprintln!("ds4-server: model ready (ctx={n_ctx})");
@@ -231,8 +246,13 @@ fn load(
     model: Option<PathBuf>,
     n_ctx: usize,
     disk: Option<&DiskCacheConfig>,
+    device: ds4_model::device::Device,
 ) -> Result<ModelEngine> {
-    let opts = LoadOptions::default();
+    let opts = LoadOptions {
+        device,
+        upload_progress: (device != ds4_model::device::Device::Cpu).then(upload_progress),
+        ..LoadOptions::default()
+    };
     let default = PathBuf::from("ds4flash.gguf");
     let engine = match model {
         Some(p) => {
@@ -260,6 +280,23 @@ fn load(
         );
     }
     Ok(ModelEngine::with_disk_cache(engine, n_ctx, disk)?)
+}
+
+/// Logs the GPU weight upload every 10% (the server's stderr is a log, not a terminal).
+fn upload_progress() -> ds4_model::device::UploadProgress {
+    let last = std::sync::Mutex::new(u64::MAX);
+    ds4_model::device::UploadProgress(Arc::new(move |done, total| {
+        let tenth = (done * 10).checked_div(total).unwrap_or(10);
+        let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+        if *l != tenth {
+            *l = tenth;
+            eprintln!(
+                "ds4-server: uploading weights to the GPU: {:.2} / {:.2} GiB",
+                done as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+        }
+    }))
 }
 
 async fn shutdown_signal() {

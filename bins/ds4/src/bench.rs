@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Turn off the FP8/FP4 simulation of cache rows (llama.cpp does not simulate).
     #[arg(long)]
     pub no_qat_sim: bool,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = crate::run::BackendArg::Cpu)]
+    pub backend: crate::run::BackendArg,
     /// Instead of benchmarking, write a synthetic random-weight model to this GGUF file.
     #[arg(long, value_name = "OUT.gguf")]
     pub gen_synthetic: Option<PathBuf>,
@@ -72,6 +75,17 @@ pub struct BenchArgs {
     /// Synthetic model: seed of the weights.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Instead of the frontier table: time to first token of an N-token prompt, cold vs
+    /// restored from the disk KV cache, and the cache's save/load GB/s next to the raw disk
+    /// speed of the same bytes (docs/KVCACHE_FORMAT.md s8).
+    #[arg(long, value_name = "N")]
+    pub kv_ttft: Option<usize>,
+    /// Directory for --kv-ttft's files (a temp dir is made inside it).
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    pub kv_dir: PathBuf,
+    /// Repetitions of --kv-ttft (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
 }
 
 /// One measured frontier.
@@ -92,7 +106,7 @@ fn status_bytes(key: &str) -> Option<u64> {
 }
 
 /// The benchmark prompt: shared with `benches/llamacpp_bench.cpp`.
-fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
+pub(crate) fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i as u64 * 7919 + 13) % n_vocab as u64) as u32)
         .collect()
@@ -176,20 +190,28 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         qat_sim: !args.no_qat_sim,
         prefill_chunk: args.prefill_chunk,
+        device: args.backend.device(),
+        upload_progress: (args.backend != crate::run::BackendArg::Cpu)
+            .then(crate::gpu::upload_progress),
     };
     let model = Model::load(path, &opts).with_context(|| format!("loading {}", path.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
+    if let Some(n) = args.kv_ttft {
+        println!("model {} loaded in {load_s:.2} s", path.display());
+        return crate::bench_kv::run(&model, n, &args.kv_dir, args.reps.max(1));
+    }
     let rss1 = status_bytes("VmRSS:");
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let n_vocab = model.config().n_vocab;
     let threads = rayon::current_num_threads();
     println!(
-        "model {} ({:.1} MiB), loaded in {:.2} s; RSS {:.1} -> {:.1} MiB after load; {threads} threads",
+        "model {} ({:.1} MiB), loaded in {:.2} s; RSS {:.1} -> {:.1} MiB after load; {threads} threads; backend {}",
         path.display(),
         mib(file_bytes),
         load_s,
         rss0.map_or(f64::NAN, mib),
         rss1.map_or(f64::NAN, mib),
+        args.backend.name(),
     );
     println!(
         "{:>8} {:>10} {:>12} {:>6} {:>10} {:>12}",

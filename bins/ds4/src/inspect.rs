@@ -32,6 +32,11 @@ pub struct InspectArgs {
     /// Array elements shown per metadata array in the report.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub array_items: usize,
+    /// Also report the session state (KV cache) memory for a context of N tokens: bytes
+    /// per token and fixed bytes per layer type (MODEL.md s4.2), as the engine holds it
+    /// (f32) and as a disk KV cache checkpoint of N tokens stores it.
+    #[arg(long, value_name = "N", conflicts_with_all = ["npy", "json"])]
+    pub ctx: Option<usize>,
 }
 
 /// Runs `ds4 inspect`.
@@ -58,9 +63,54 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         writeln!(out)?;
     } else {
         out.write_all(report(&g, &args.file, args.array_items, open_time).as_bytes())?;
+        if let Some(n) = args.ctx {
+            let cfg = ds4_model::Config::from_gguf(&g)
+                .context("--ctx needs a ds4 model file (deepseek4 metadata)")?;
+            out.write_all(state_report(&cfg, n).as_bytes())?;
+        }
     }
     out.flush()?;
     Ok(())
+}
+
+// ---- State memory -------------------------------------------------------------------
+
+/// The `--ctx` table: per layer type, bytes per token and at `n` tokens.
+pub fn state_report(cfg: &ds4_model::Config, n: usize) -> String {
+    let m = ds4_kvcache::accounting::state_memory(cfg, n);
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut s = String::new();
+    let _ = writeln!(s, "\nsession state at ctx {n} (f32, MODEL.md s4.2):");
+    let _ = writeln!(
+        s,
+        "  {:<14} {:>6} {:>16} {:>16} {:>14}",
+        "layer type", "layers", "B/token/layer", "at ctx (MiB)", "fixed (MiB)"
+    );
+    for t in &m.types {
+        let _ = writeln!(
+            s,
+            "  {:<14} {:>6} {:>16.1} {:>16.2} {:>14.2}",
+            t.name(),
+            t.n_layers,
+            t.milli_bytes_per_token as f64 / 1000.0,
+            mib(t.growing_bytes * t.n_layers as u64),
+            mib(t.fixed_bytes * t.n_layers as u64)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  token ids 4 B/token ({:.2} MiB), logits {:.2} MiB",
+        mib(m.token_bytes),
+        mib(m.logits_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "  total: {:.1} B/token of context (all layers), {} bytes = {:.2} GiB at ctx {n}",
+        m.milli_bytes_per_token() as f64 / 1000.0,
+        m.total_bytes(),
+        m.total_bytes() as f64 / (1u64 << 30) as f64
+    );
+    s
 }
 
 // ---- Variant ------------------------------------------------------------------------

@@ -6,8 +6,11 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_kv;
 mod convert;
+mod gpu;
 mod inspect;
+mod kvcache;
 mod repl;
 mod run;
 

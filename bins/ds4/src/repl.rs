@@ -9,6 +9,10 @@
 //! Ctrl+C during prefill or generation sets the cancel flag (a SIGINT handler); the
 //! generation stops at the next chunk or token and the prompt returns. A turn that
 //! produced nothing is rolled back. Ctrl+C at the prompt is ignored, Ctrl+D exits.
+//!
+//! With `--kv-disk-dir` each turn first restores the longest stored prefix of the
+//! transcript, `/clear` and `/ctx` save the conversation being dropped (evict), and leaving
+//! (`/quit`, Ctrl+D) saves it (shutdown), so a later `ds4` resumes it from disk.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use ds4_kvcache::DiskCache;
 use ds4_model::chat::{REASONING_EFFORT_MAX_PREFIX, THINK_MAX_MIN_CTX, ThinkingMode};
 use ds4_model::generate::{FinishReason, GenOptions};
 use ds4_model::tokenizer::Tokenizer;
@@ -40,6 +45,7 @@ Ctrl+C stops the current answer.";
 struct Chat<'e> {
     tok: &'e Tokenizer,
     session: Session<'e>,
+    disk: Option<DiskCache>,
     engine: &'e Engine,
     transcript: Vec<u32>,
     mode: ThinkingMode,
@@ -58,6 +64,13 @@ impl<'e> Chat<'e> {
             t.extend(self.tok.encode(&self.system, false));
         }
         t
+    }
+
+    /// The session is about to be dropped: keep it on disk first (evict save).
+    fn evict(&self) {
+        if let Some(n) = self.disk.as_ref().and_then(|d| d.evict(&self.session)) {
+            eprintln!("ds4: kv cache: saving the conversation ({n} tokens)");
+        }
     }
 
     fn set_mode(&mut self, mode: ThinkingMode) -> &'static str {
@@ -107,7 +120,13 @@ impl<'e> Chat<'e> {
             cancel: Some(cancel.clone()),
             ..GenOptions::default()
         };
-        let result = run_generation(&mut self.session, self.tok, &self.transcript, &opts);
+        let result = run_generation(
+            &mut self.session,
+            self.tok,
+            &self.transcript,
+            &opts,
+            self.disk.as_ref(),
+        );
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -142,9 +161,11 @@ fn history_path() -> PathBuf {
 pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
     let tok = engine.tokenizer()?.as_ref();
     let ctx = args.ctx as usize;
+    let disk = args.kv.open(engine)?;
     let mut chat = Chat {
         tok,
         session: Session::new(&engine.model, ctx),
+        disk,
         engine,
         transcript: Vec::new(),
         mode: ThinkingMode::High,
@@ -218,6 +239,7 @@ pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
                 "ctx" => {
                     match arg.parse::<usize>() {
                         Ok(n) if n > 0 => {
+                            chat.evict();
                             chat.ctx = n;
                             chat.session = Session::new(&chat.engine.model, n);
                             println!(
@@ -229,6 +251,7 @@ pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
                     continue;
                 }
                 "clear" => {
+                    chat.evict();
                     chat.transcript = chat.head();
                     chat.session.reset();
                     println!("Conversation cleared.");
@@ -257,5 +280,9 @@ pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
         let _ = std::io::stdout().flush();
     }
     let _ = rl.save_history(&history);
+    if let Some(d) = &chat.disk {
+        let saved = d.shutdown(&chat.session);
+        crate::kvcache::print_stats(&d.stats(), saved);
+    }
     Ok(())
 }

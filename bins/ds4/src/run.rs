@@ -11,9 +11,11 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ds4_kvcache::DiskCache;
 use ds4_model::chat::{ChatMessage, ChatOptions, Role, THINK_MAX_MIN_CTX, ThinkingMode};
 use ds4_model::generate::{self, Event, GenOptions, Outcome};
 use ds4_model::sampling::SamplingParams;
@@ -39,7 +41,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// Compute backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendArg {
-    /// Reference CPU backend (the only one in this build).
+    /// Reference CPU backend.
     Cpu,
     /// NVIDIA CUDA.
     Cuda,
@@ -145,6 +147,9 @@ pub struct RunArgs {
     /// with transformers or llama.cpp, which do not simulate it).
     #[arg(long)]
     pub no_qat_sim: bool,
+    /// Disk KV cache (`--kv-disk-dir`, `--kv-cache-*`).
+    #[command(flatten)]
+    pub kv: crate::kvcache::KvCacheArgs,
 }
 
 fn float_in(
@@ -188,6 +193,8 @@ impl RunArgs {
         LoadOptions {
             qat_sim: !self.no_qat_sim,
             prefill_chunk: self.chunk as usize,
+            device: self.backend.device(),
+            upload_progress: (self.backend != BackendArg::Cpu).then(crate::gpu::upload_progress),
         }
     }
 
@@ -230,6 +237,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
     }
     let prompt = args.prompt_text()?;
+    // Bad --kv-cache-* values are usage errors, reported before the model loads.
+    args.kv.config()?;
     let engine = load_engine(args)?;
     if let Some(file) = &args.dump_logprobs {
         let Some(text) = prompt else {
@@ -246,28 +255,41 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn check_backend(b: BackendArg) -> Result<()> {
-    let probe = match b {
-        BackendArg::Cpu => return Ok(()),
-        BackendArg::Cuda => ds4_backend_cuda::probe(),
-        BackendArg::Metal => ds4_backend_metal::probe(),
-    };
-    match probe {
-        Ok(()) => bail!(
-            "--backend {}: the backend is present but ds4 cannot run models on it yet; use --backend cpu",
-            if b == BackendArg::Cuda {
-                "cuda"
-            } else {
-                "metal"
-            }
-        ),
-        Err(msg) => bail!(
-            "--backend {}: {msg}",
-            if b == BackendArg::Cuda {
-                "cuda"
-            } else {
-                "metal"
-            }
-        ),
+    match b {
+        BackendArg::Cpu => Ok(()),
+        // The probe names what is missing (driver, device, NVRTC); loading then uploads
+        // the weights (LoadOptions::device).
+        BackendArg::Cuda => match ds4_backend_cuda::probe() {
+            Ok(_) => Ok(()),
+            Err(e) => bail!("--backend cuda: {e}"),
+        },
+        BackendArg::Metal => match ds4_backend_metal::probe() {
+            Ok(()) => bail!(
+                "--backend metal: the backend is present but ds4 cannot run models on it yet; use --backend cpu"
+            ),
+            Err(msg) => bail!("--backend metal: {msg}"),
+        },
+    }
+}
+
+impl BackendArg {
+    /// The device this flag selects.
+    pub fn device(self) -> ds4_model::device::Device {
+        use ds4_model::device::Device;
+        match self {
+            BackendArg::Cpu => Device::Cpu,
+            BackendArg::Cuda => Device::Cuda,
+            BackendArg::Metal => Device::Metal,
+        }
+    }
+
+    /// The flag's value as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendArg::Cpu => "cpu",
+            BackendArg::Cuda => "cuda",
+            BackendArg::Metal => "metal",
+        }
     }
 }
 
@@ -309,10 +331,14 @@ pub fn load_engine(args: &RunArgs) -> Result<Engine> {
     if path.is_none() {
         say_demo();
     }
-    let spinner = spinner(match &path {
-        Some(p) => format!("loading {}", p.display()),
-        None => "building the demo model".to_string(),
-    });
+    // A GPU backend draws its own upload progress bar instead of the spinner.
+    let spinner = match args.backend {
+        BackendArg::Cpu => spinner(match &path {
+            Some(p) => format!("loading {}", p.display()),
+            None => "building the demo model".to_string(),
+        }),
+        _ => None,
+    };
     let t0 = Instant::now();
     let engine = match &path {
         Some(p) => Engine::load(p, &args.load_options())
@@ -324,13 +350,14 @@ pub fn load_engine(args: &RunArgs) -> Result<Engine> {
     }
     let c = engine.model.config();
     eprintln!(
-        "ds4: model {} ({} layers, hidden {}, vocab {}) loaded in {:.2}s; ctx={}, backend=cpu",
+        "ds4: model {} ({} layers, hidden {}, vocab {}) loaded in {:.2}s; ctx={}, backend={}",
         engine.name,
         c.n_layer,
         c.n_embd,
         c.n_vocab,
         t0.elapsed().as_secs_f64(),
-        args.ctx
+        args.ctx,
+        args.backend.name()
     );
     Ok(engine)
 }
@@ -469,41 +496,95 @@ pub fn one_shot_prompt(args: &RunArgs, tok: &Tokenizer, text: &str) -> Result<(V
 fn one_shot(args: &RunArgs, engine: &Engine, text: &str) -> Result<()> {
     let tok = engine.tokenizer()?;
     let (prompt, thinking) = one_shot_prompt(args, tok, text)?;
+    let disk = args.kv.open(engine)?;
     let mut session = Session::new(&engine.model, args.ctx as usize);
+    let mut cancel = None;
+    if disk.is_some() {
+        // With a disk cache, Ctrl+C ends the answer cleanly so the exit save runs; a second
+        // Ctrl+C exits at once without saving (as ds4-server does).
+        let flag = Arc::new(AtomicBool::new(false));
+        let c = flag.clone();
+        ctrlc::set_handler(move || {
+            if c.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl+C handler")?;
+        cancel = Some(flag);
+    }
     let opts = GenOptions {
         sampling: args.sampling(),
         stop: args.stop.clone(),
         max_tokens: args.n_tokens as usize,
         thinking,
         prefill_chunk: args.chunk as usize,
+        cancel,
         ..GenOptions::default()
     };
-    let outcome = run_generation(&mut session, tok, &prompt, &opts)?;
-    print_stats(&outcome);
-    Ok(())
+    let result = run_generation(&mut session, tok, &prompt, &opts, disk.as_ref());
+    if let Ok(outcome) = &result {
+        print_stats(outcome);
+    }
+    if let Some(d) = &disk {
+        let saved = d.shutdown(&session);
+        crate::kvcache::print_stats(&d.stats(), saved);
+    }
+    result.map(|_| ())
 }
 
-/// Runs one generation, printing as it goes (shared with the REPL).
+/// Runs one generation, printing as it goes (shared with the REPL). With a disk KV cache,
+/// the longest stored prefix is restored first and checkpoints are saved on the way.
 pub fn run_generation(
     session: &mut Session<'_>,
     tok: &Tokenizer,
     prompt: &[u32],
     opts: &GenOptions,
+    disk: Option<&DiskCache>,
 ) -> Result<Outcome> {
     let mut printer = Printer::new();
     let mut progress = PrefillProgress::new();
-    let result = generate::generate(
+    let t0 = Instant::now();
+    let prefed = match disk {
+        Some(d) => {
+            let p = d.before_generate(
+                session,
+                None,
+                prompt,
+                opts.cancel.as_deref(),
+                &mut |done, total| progress.update(done, total),
+            )?;
+            crate::kvcache::print_prepared(&p, prompt.len());
+            p.prefed
+        }
+        None => 0,
+    };
+    let result = generate::generate_observed(
         session,
         tok,
         prompt,
         opts,
         None,
-        &mut |done, total| progress.update(done, total),
+        &mut |done, total| progress.update(done + prefed, total + prefed),
         &mut |ev| printer.event(ev),
+        &mut |s| {
+            if let Some(d) = disk {
+                d.after_token(s);
+            }
+        },
     );
     progress.finish();
     printer.end();
-    Ok(result?)
+    let mut outcome = result?;
+    // Tokens prefilled to reach the save points were work of this prompt, not reuse.
+    outcome.usage.cached_tokens = outcome.usage.cached_tokens.saturating_sub(prefed);
+    outcome.timings.prefill_tokens += prefed;
+    if disk.is_some() {
+        // The restore and the prefill up to the save points belong to the prompt's time.
+        let before =
+            t0.elapsed().as_secs_f64() - outcome.timings.prefill_secs - outcome.timings.decode_secs;
+        outcome.timings.prefill_secs += before.max(0.0);
+    }
+    Ok(outcome)
 }
 
 /// Prints statistics of a generation to stderr.

@@ -224,11 +224,17 @@ fn dump_logits_matches_transformers() {
 
 #[test]
 fn unavailable_backend_and_bad_flags_fail_cleanly() {
-    let out = ds4(&["--backend", "cuda", "-p", "hi"]);
-    assert!(!out.status.success());
-    let err = text(&out.stderr);
-    assert!(err.contains("CUDA"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    // Without a GPU (CI, this build machine), --backend cuda is a clean exit 1 naming CUDA;
+    // on a GPU machine it would run, so the check is skipped there with a message.
+    if ds4_backend_cuda::probe().is_err() {
+        let out = ds4(&["--backend", "cuda", "-p", "hi"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains("CUDA backend unavailable"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    } else {
+        eprintln!("skipped the no-GPU --backend cuda check: a CUDA device is present");
+    }
 
     let out = ds4(&["--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
-use crate::openai::{apply_tool_choice, body_bytes, content_text, parse_json};
+use crate::openai::{apply_tool_choice, body_bytes, content_text, forced_tools, parse_json};
 use crate::request::{
     self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present,
 };
@@ -315,7 +315,7 @@ fn build(state: &AppState, req: MessagesRequest) -> Result<Job, ApiError> {
         },
     )
     .map_err(|m| ApiError::bad_request(F, m))?;
-    let tools = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
+    let (tools, choice) = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
     let mut msgs = Vec::new();
     if let Some(s) = system_text(req.system.as_ref())? {
         msgs.push(ChatMessage::new(Role::System, s));
@@ -351,6 +351,7 @@ fn build(state: &AppState, req: MessagesRequest) -> Result<Job, ApiError> {
             .collect(),
         thinking: effective != ThinkingMode::None,
         tools: !tools.is_empty(),
+        force_tool_call: forced_tools(&tools, &choice),
         ..GenOptions::default()
     };
     Ok(Job {

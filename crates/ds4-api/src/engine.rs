@@ -9,8 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ds4_kvcache::Frontier;
-use ds4_model::chat::Prompt;
+use ds4_model::chat::{Prompt, Segment, Trust};
 use ds4_model::dsml::{self, ParseOptions};
 use ds4_model::generate::{self, Event, GenOptions, Outcome, PrefixCache};
 use ds4_model::tokenizer::Tokenizer;
@@ -96,6 +95,9 @@ pub struct ModelEngine {
     n_ctx: usize,
     live: Mutex<Live>,
     live_tokens: std::sync::atomic::AtomicUsize,
+    /// Tokens of the live session and their decoded bytes, as of the last generation
+    /// (read by [`Engine::tokenize`] without waiting for the running generation).
+    live_view: Mutex<Arc<(Vec<u32>, Vec<u8>)>>,
     prefill_chunk: usize,
     disk: Option<DiskCache>,
 }
@@ -103,7 +105,6 @@ pub struct ModelEngine {
 struct Live {
     session: Session<'static>,
     cache: PrefixCache,
-    frontier: Frontier,
 }
 
 impl std::fmt::Debug for ModelEngine {
@@ -131,7 +132,7 @@ impl ModelEngine {
         let tok = engine.tokenizer()?.clone();
         let disk = match disk {
             Some(cfg) => Some(
-                DiskCache::open(cfg, crate::kvdisk::identity_of(&engine.model), &tok)
+                crate::kvdisk::open(cfg, &engine.model, tok.clone())
                     .map_err(|e| EngineError::KvCache(e.to_string()))?,
             ),
             None => None,
@@ -145,9 +146,9 @@ impl ModelEngine {
             live: Mutex::new(Live {
                 session: Session::new(model, n_ctx),
                 cache: PrefixCache::new(),
-                frontier: Frontier::default(),
             }),
             live_tokens: std::sync::atomic::AtomicUsize::new(0),
+            live_view: Mutex::new(Arc::new((Vec::new(), Vec::new()))),
             prefill_chunk: 256,
             disk,
         })
@@ -163,9 +164,17 @@ impl Engine for ModelEngine {
     }
 
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        prompt
+        let canonical = prompt
             .tokenize(&self.tok, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let view = self
+            .live_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(reuse_live_prefix(
+            &self.tok, prompt, canonical, &view.0, &view.1,
+        ))
     }
 
     fn generate(
@@ -178,27 +187,22 @@ impl Engine for ModelEngine {
         // A panic in a previous generation poisons the lock; the session is then reset
         // by the prefix check (its tokens no longer match), so recovering is safe.
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let Live {
-            session,
-            cache,
-            frontier,
-        } = &mut *live;
+        let Live { session, cache } = &mut *live;
         let mut opts = opts.clone();
         opts.prefill_chunk = self.prefill_chunk;
         let prepared = match &self.disk {
             Some(d) => d.before_generate(
-                &self.tok,
                 session,
-                cache,
-                frontier,
+                Some(cache),
                 prompt,
-                &opts,
+                opts.cancel.as_deref(),
                 on_progress,
             ),
             None => Ok(Default::default()),
         };
+        let disk = self.disk.as_ref();
         let res = prepared.and_then(|p| {
-            generate::generate(
+            generate::generate_observed(
                 session,
                 &self.tok,
                 prompt,
@@ -206,6 +210,12 @@ impl Engine for ModelEngine {
                 Some(cache),
                 on_progress,
                 on_event,
+                // Continued saves at aligned frontiers while decoding.
+                &mut |s| {
+                    if let Some(d) = disk {
+                        d.after_token(s);
+                    }
+                },
             )
             .map(|mut o| {
                 // Tokens prefilled to reach the save points were work of this request.
@@ -216,6 +226,9 @@ impl Engine for ModelEngine {
         });
         self.live_tokens
             .store(session.n_past(), std::sync::atomic::Ordering::Relaxed);
+        let held = session.tokens().to_vec();
+        let text = self.tok.decode(&held).unwrap_or_default();
+        *self.live_view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new((held, text));
         let outcome = res?;
         let raw = self.tok.decode(&outcome.tokens).unwrap_or_default();
         let raw_text = String::from_utf8_lossy(&raw).into_owned();
@@ -251,7 +264,177 @@ impl Engine for ModelEngine {
     fn shutdown(&self) {
         if let Some(d) = &self.disk {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            d.shutdown(&self.tok, &live.session);
+            d.shutdown(&live.session);
         }
+    }
+}
+
+/// Tokens for `prompt` that keep the live session's tokens when the prompt's text
+/// extends the session's text (PROMPT.md §1.7, the BPE boundary rule): the model's
+/// sampled tokens are not always the canonical tokenization of their text, so a client
+/// resending the conversation re-renders the same bytes (exact DSML replay) but
+/// tokenizing them afresh would diverge from the KV state inside the last answer. Then
+/// the live tokens are kept and only the text after them is tokenized, segment by
+/// segment with each segment's own special-token mode. Invalid UTF-8 in the live text
+/// matches the U+FFFD the API replaced it with.
+///
+/// Safety (GAP-T1): beyond the longest common token prefix with the canonical
+/// tokenization, the reused region must lie in template or model text (where special
+/// literals are control tokens anyway), never in user, system or tool-result text;
+/// otherwise, or when the texts differ, the canonical tokens are returned.
+pub fn reuse_live_prefix(
+    tok: &Tokenizer,
+    prompt: &Prompt,
+    canonical: Vec<u32>,
+    live: &[u32],
+    live_text: &[u8],
+) -> Vec<u32> {
+    let k = live
+        .iter()
+        .zip(&canonical)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if live.is_empty() || k == live.len() {
+        return canonical;
+    }
+    let text = prompt.to_text();
+    // The API sent invalid UTF-8 the model produced as U+FFFD (GAP-T2), and clients send
+    // that back: compare the way the text left the server. The KV keeps the real bytes.
+    let live_lossy = String::from_utf8_lossy(live_text);
+    let n = live_lossy.len();
+    if !text.starts_with(live_lossy.as_ref()) {
+        return canonical;
+    }
+    let Ok(agreed) = tok.decode(&canonical[..k]) else {
+        return canonical;
+    };
+    let from = agreed.len();
+    let mut suffix: Vec<(&str, bool)> = Vec::new();
+    let mut at = 0usize;
+    for seg in &prompt.segments {
+        let (piece, special, trust) = match seg {
+            Segment::Special(lit) => (*lit, true, Trust::Template),
+            Segment::Text { text, trust } => (text.as_str(), *trust != Trust::Untrusted, *trust),
+        };
+        let (start, end) = (at, at + piece.len());
+        at = end;
+        if end > from && start < n && trust == Trust::Untrusted {
+            return canonical;
+        }
+        if end <= n {
+            continue;
+        }
+        if start >= n {
+            suffix.push((piece, special));
+        } else if matches!(seg, Segment::Special(_)) {
+            // The live text ends inside a control token's literal.
+            return canonical;
+        } else {
+            suffix.push((&piece[n - start..], special));
+        }
+    }
+    let mut out = live.to_vec();
+    out.extend(tok.encode_parts(suffix));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ds4_model::tokenizer::{ASSISTANT_TEXT, EOS_TEXT, THINK_END_TEXT, USER_TEXT};
+
+    fn prompt(parts: &[(Option<&'static str>, &str, Trust)]) -> Prompt {
+        Prompt {
+            segments: parts
+                .iter()
+                .map(|(sp, text, trust)| match sp {
+                    Some(lit) => Segment::Special(lit),
+                    None => Segment::Text {
+                        text: text.to_string(),
+                        trust: *trust,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn live_tokens_are_kept_when_the_prompt_extends_their_text() {
+        let tok = ds4_model::demo::tokenizer().expect("tokenizer");
+        let u = Trust::Untrusted;
+        let m = Trust::Model;
+        let turn1 = [
+            (None, "Be brief.", u),
+            (Some(USER_TEXT), "", u),
+            (None, "Say hello", u),
+            (Some(ASSISTANT_TEXT), "", u),
+            (Some(THINK_END_TEXT), "", u),
+        ];
+        let p1 = prompt(&turn1);
+        let mut live = p1.tokenize(&tok, false).expect("tokens");
+        // The model wrote "Hello world" as non-canonical pieces.
+        for piece in ["Hel", "lo", " wor", "ld"] {
+            live.extend(tok.encode(piece, false));
+        }
+        let live_text = tok.decode(&live).expect("decode");
+        let mut turn2 = turn1.to_vec();
+        turn2.extend([
+            (None, "Hello world", m),
+            (Some(EOS_TEXT), "", u),
+            (Some(USER_TEXT), "", u),
+            (None, "Again <｜User｜>", u),
+            (Some(ASSISTANT_TEXT), "", u),
+            (Some(THINK_END_TEXT), "", u),
+        ]);
+        let p2 = prompt(&turn2);
+        let canonical = p2.tokenize(&tok, false).expect("tokens");
+        assert!(
+            !canonical.starts_with(&live),
+            "the test needs divergent tokens"
+        );
+        let ids = reuse_live_prefix(&tok, &p2, canonical.clone(), &live, &live_text);
+        assert!(ids.starts_with(&live));
+        assert_eq!(tok.decode(&ids).expect("decode"), p2.to_text().as_bytes());
+        // The user's special literal after the reused prefix stays plain text.
+        let user = tok.specials().user;
+        assert_eq!(
+            ids.iter().filter(|&&t| t == user).count(),
+            canonical.iter().filter(|&&t| t == user).count()
+        );
+
+        // The divergent region is user text: never reused (could smuggle control tokens).
+        let mut turn2u = turn1.to_vec();
+        turn2u[2] = (None, "Say hello", u);
+        turn2u.push((None, "Hello world", u));
+        let p2u = prompt(&turn2u);
+        let canon_u = p2u.tokenize(&tok, false).expect("tokens");
+        assert_eq!(
+            reuse_live_prefix(&tok, &p2u, canon_u.clone(), &live, &live_text),
+            canon_u
+        );
+        // Invalid UTF-8 the model wrote comes back from the client as U+FFFD.
+        let c3 = (0..tok.n_vocab() as u32)
+            .find(|&id| tok.token_to_piece(id) == Some(&[0xC3][..]))
+            .expect("byte token 0xC3");
+        let mut live_bad = p1.tokenize(&tok, false).expect("tokens");
+        live_bad.push(c3);
+        live_bad.extend(tok.encode("x", false));
+        let bad_text = tok.decode(&live_bad).expect("decode");
+        assert!(std::str::from_utf8(&bad_text).is_err());
+        let mut turn2b = turn1.to_vec();
+        turn2b.extend([(None, "\u{FFFD}x", m), (Some(EOS_TEXT), "", u)]);
+        let p2b = prompt(&turn2b);
+        let canon_b = p2b.tokenize(&tok, false).expect("tokens");
+        let ids = reuse_live_prefix(&tok, &p2b, canon_b, &live_bad, &bad_text);
+        assert!(ids.starts_with(&live_bad));
+        assert_eq!(ids.len(), live_bad.len() + 1);
+
+        // Different text: canonical.
+        let other = prompt(&[(None, "Something else", u)]);
+        let canon_o = other.tokenize(&tok, false).expect("tokens");
+        assert_eq!(
+            reuse_live_prefix(&tok, &other, canon_o.clone(), &live, &live_text),
+            canon_o
+        );
     }
 }

@@ -256,6 +256,30 @@ pub fn render_kv(kv: &crate::kvdisk::KvStats) -> String {
             "Space budget of the disk KV cache.",
             kv.budget_bytes,
         ),
+        (
+            "ds4_kv_cache_saves_written_total",
+            "counter",
+            "Checkpoints the background writer stored (cold, continued, evict, shutdown).",
+            kv.saves_written,
+        ),
+        (
+            "ds4_kv_cache_saves_failed_total",
+            "counter",
+            "Checkpoints dropped (writer busy) or failed.",
+            kv.saves_failed,
+        ),
+        (
+            "ds4_kv_cache_snapshot_microseconds_total",
+            "counter",
+            "Time inference paused to copy state for checkpoints.",
+            kv.snapshot_us_total,
+        ),
+        (
+            "ds4_kv_cache_snapshot_microseconds_max",
+            "gauge",
+            "Longest single pause to copy state for a checkpoint.",
+            kv.snapshot_us_max,
+        ),
     ] {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }

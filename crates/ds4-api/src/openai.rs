@@ -19,6 +19,7 @@ use ds4_model::chat::{self, ChatMessage, ChatOptions, Prompt, Role, Segment, Thi
 use ds4_model::dsml::{ParsedToolCall, ToolCall};
 use ds4_model::generate::{Event, FinishReason, GenOptions};
 use ds4_model::tokenizer::BOS_TEXT;
+use ds4_model::toolforce::ForcedTool;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -245,29 +246,55 @@ fn parse_tools(tools: Option<Vec<Box<RawValue>>>) -> Result<Vec<(String, String)
     Ok(out)
 }
 
-/// Applies `tool_choice` to the tool list: `none` drops them, a named function keeps
-/// only that one, `auto`/`required` keep all.
+/// What `tool_choice` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// The model decides (`auto`, absent; `none` drops the tools instead).
+    Auto,
+    /// A call of any declared tool is mandatory (`required`, Anthropic `any`).
+    Required,
+    /// A call of this tool is mandatory.
+    Named(String),
+}
+
+/// Applies `tool_choice` to the tool list: `none` drops the tools; everything else keeps
+/// all of them in the prompt (a named choice too, so that the rendered tools block, and
+/// with it the KV prefix, stays the same whatever the agent forces on a turn). A
+/// mandatory choice is enforced by [`forced_tools`] in [`GenOptions::force_tool_call`]
+/// (constrained decoding, `ds4_model::toolforce`). A mandatory choice without tools, or
+/// naming an unknown tool, is a 400.
 pub fn apply_tool_choice(
     tools: Vec<(String, String)>,
     choice: Option<&Value>,
     flavor: Flavor,
-) -> Result<Vec<(String, String)>, ApiError> {
+) -> Result<(Vec<(String, String)>, Choice), ApiError> {
     let named = |name: &str, tools: Vec<(String, String)>| {
-        let kept: Vec<_> = tools.into_iter().filter(|(n, _)| n == name).collect();
-        if kept.is_empty() {
+        if tools.iter().any(|(n, _)| n == name) {
+            Ok((tools, Choice::Named(name.to_string())))
+        } else {
             Err(
                 ApiError::bad_request(flavor, format!("tool_choice names unknown tool {name:?}"))
                     .param("tool_choice"),
             )
+        }
+    };
+    let required = |tools: Vec<(String, String)>| {
+        if tools.is_empty() {
+            Err(ApiError::bad_request(
+                flavor,
+                "tool_choice requires a tool call but no (function) tools are declared",
+            )
+            .param("tool_choice"))
         } else {
-            Ok(kept)
+            Ok((tools, Choice::Required))
         }
     };
     match choice {
-        None | Some(Value::Null) => Ok(tools),
+        None | Some(Value::Null) => Ok((tools, Choice::Auto)),
         Some(Value::String(s)) => match s.as_str() {
-            "none" => Ok(Vec::new()),
-            "auto" | "required" | "any" => Ok(tools),
+            "none" => Ok((Vec::new(), Choice::Auto)),
+            "auto" => Ok((tools, Choice::Auto)),
+            "required" | "any" => required(tools),
             other => Err(
                 ApiError::bad_request(flavor, format!("unknown tool_choice {other:?}"))
                     .param("tool_choice"),
@@ -281,8 +308,9 @@ pub fn apply_tool_choice(
                 .or_else(|| o.get("name"))
                 .and_then(Value::as_str);
             match (ty, name) {
-                ("none", _) => Ok(Vec::new()),
-                ("auto" | "any" | "required", _) => Ok(tools),
+                ("none", _) => Ok((Vec::new(), Choice::Auto)),
+                ("auto", _) => Ok((tools, Choice::Auto)),
+                ("any" | "required", _) => required(tools),
                 (_, Some(n)) => named(n, tools),
                 _ => Err(
                     ApiError::bad_request(flavor, "tool_choice object needs a function name")
@@ -295,6 +323,19 @@ pub fn apply_tool_choice(
                 .param("tool_choice"),
         ),
     }
+}
+
+/// The tools a mandatory `tool_choice` lets the model call (empty when not forced).
+pub fn forced_tools(tools: &[(String, String)], choice: &Choice) -> Vec<ForcedTool> {
+    tools
+        .iter()
+        .filter(|(name, _)| match choice {
+            Choice::Auto => false,
+            Choice::Required => true,
+            Choice::Named(n) => n == name,
+        })
+        .filter_map(|(_, json)| ForcedTool::from_json(json))
+        .collect()
 }
 
 fn seed_value(v: Option<&Value>, flavor: Flavor) -> Result<Option<i64>, ApiError> {
@@ -335,7 +376,7 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
         },
     )
     .map_err(|m| ApiError::bad_request(F, m).param("reasoning_effort"))?;
-    let tools = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
+    let (tools, choice) = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
     let mut msgs = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
         let field = format!("messages[{i}].content");
@@ -419,6 +460,7 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
         stop: req.stop.map(StopField::into_vec).unwrap_or_default(),
         thinking: effective != ThinkingMode::None,
         tools: !tools.is_empty(),
+        force_tool_call: forced_tools(&tools, &choice),
         ..GenOptions::default()
     };
     Ok(ChatJob {

@@ -186,6 +186,13 @@ pub fn max_tokens(v: Option<i64>, flavor: Flavor, param: &str) -> Result<Option<
 /// Remembers, per tool-call id, the exact DSML block the model sampled, so that a
 /// client's JSON history renders back to the same bytes (exact replay, PROMPT.md §2.10).
 /// Bounded by id count and total bytes; the oldest entries go first.
+///
+/// With a file ([`ToolMemory::with_file`], the server puts it in `--kv-disk-dir` next to
+/// the KV checkpoints) every remembered block is appended as one JSON line and the map
+/// is reloaded at start, so a history whose KV prefix comes back from the disk cache
+/// after a restart still re-renders byte-identically. The file is rewritten with only
+/// the kept entries at load and whenever it grows past twice their size; a torn last
+/// line (crash while appending) is skipped.
 #[derive(Debug)]
 pub struct ToolMemory {
     inner: Mutex<ToolMemoryInner>,
@@ -198,6 +205,94 @@ struct ToolMemoryInner {
     map: HashMap<String, Arc<String>>,
     order: VecDeque<(String, usize)>,
     bytes: usize,
+    file: Option<ToolMemoryFile>,
+}
+
+#[derive(Debug)]
+struct ToolMemoryFile {
+    path: std::path::PathBuf,
+    out: std::fs::File,
+    /// Bytes in the file.
+    len: u64,
+}
+
+/// One line of the tool-memory file.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct ToolMemoryLine {
+    ids: Vec<String>,
+    block: String,
+}
+
+impl ToolMemoryInner {
+    fn insert(&mut self, ids: &[String], block: Arc<String>, max_ids: usize, max_bytes: usize) {
+        for id in ids {
+            self.map.insert(id.clone(), block.clone());
+            self.order.push_back((id.clone(), block.len()));
+            self.bytes += block.len();
+        }
+        while self.order.len() > max_ids || self.bytes > max_bytes {
+            let Some((id, n)) = self.order.pop_front() else {
+                break;
+            };
+            self.bytes -= n;
+            // An id remembered twice: only its latest entry maps.
+            if !self.order.iter().any(|(i, _)| *i == id) {
+                self.map.remove(&id);
+            }
+        }
+    }
+
+    /// The kept entries as file lines, oldest first, ids of one block together.
+    fn lines(&self) -> Vec<ToolMemoryLine> {
+        let mut out: Vec<ToolMemoryLine> = Vec::new();
+        for (id, _) in &self.order {
+            let Some(block) = self.map.get(id) else {
+                continue;
+            };
+            match out.last_mut() {
+                Some(l) if l.block == **block => {
+                    if !l.ids.contains(id) {
+                        l.ids.push(id.clone());
+                    }
+                }
+                _ => out.push(ToolMemoryLine {
+                    ids: vec![id.clone()],
+                    block: block.as_str().to_string(),
+                }),
+            }
+        }
+        out
+    }
+
+    /// Rewrites the file with the kept entries (temp file + rename).
+    fn compact(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(f) = &self.file else {
+            return Ok(());
+        };
+        let path = f.path.clone();
+        let tmp = path.with_extension("jsonl.tmp");
+        let mut text = String::new();
+        for l in self.lines() {
+            if let Ok(j) = serde_json::to_string(&l) {
+                text.push_str(&j);
+                text.push('\n');
+            }
+        }
+        {
+            let mut t = std::fs::File::create(&tmp)?;
+            t.write_all(text.as_bytes())?;
+            t.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        let out = std::fs::OpenOptions::new().append(true).open(&path)?;
+        self.file = Some(ToolMemoryFile {
+            path,
+            out,
+            len: text.len() as u64,
+        });
+        Ok(())
+    }
 }
 
 impl ToolMemory {
@@ -210,6 +305,53 @@ impl ToolMemory {
         }
     }
 
+    /// Like [`ToolMemory::new`], loading and then appending to the file at `path`
+    /// (created if missing).
+    pub fn with_file(
+        max_ids: usize,
+        max_bytes: usize,
+        path: &std::path::Path,
+    ) -> std::io::Result<ToolMemory> {
+        let m = ToolMemory::new(max_ids, max_bytes);
+        if max_ids == 0 {
+            return Ok(m);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let text = match std::fs::read(path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        {
+            let mut inner = m.inner.lock().unwrap_or_else(|p| p.into_inner());
+            // Identical blocks share one allocation, as they did when remembered.
+            let mut interned: HashMap<String, Arc<String>> = HashMap::new();
+            for line in text.lines() {
+                let Ok(l) = serde_json::from_str::<ToolMemoryLine>(line) else {
+                    continue;
+                };
+                let block = interned
+                    .entry(l.block.clone())
+                    .or_insert_with(|| Arc::new(l.block))
+                    .clone();
+                inner.insert(&l.ids, block, max_ids, max_bytes);
+            }
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            inner.file = Some(ToolMemoryFile {
+                path: path.to_path_buf(),
+                out,
+                len: 0,
+            });
+            inner.compact()?;
+        }
+        Ok(m)
+    }
+
     /// Records that `ids` were all produced by `block`.
     pub fn remember(&self, ids: &[String], block: &str) {
         if self.max_ids == 0 || ids.is_empty() {
@@ -217,17 +359,24 @@ impl ToolMemory {
         }
         let block = Arc::new(block.to_string());
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            m.map.insert(id.clone(), block.clone());
-            m.order.push_back((id.clone(), block.len()));
-            m.bytes += block.len();
-        }
-        while m.order.len() > self.max_ids || m.bytes > self.max_bytes {
-            let Some((id, n)) = m.order.pop_front() else {
-                break;
+        m.insert(ids, block.clone(), self.max_ids, self.max_bytes);
+        let kept = m.bytes as u64;
+        if let Some(f) = m.file.as_mut() {
+            use std::io::Write;
+            let line = ToolMemoryLine {
+                ids: ids.to_vec(),
+                block: block.as_str().to_string(),
             };
-            m.bytes -= n;
-            m.map.remove(&id);
+            if let Ok(mut j) = serde_json::to_string(&line) {
+                j.push('\n');
+                // A failed append only costs replay after a restart.
+                if f.out.write_all(j.as_bytes()).is_ok() {
+                    f.len += j.len() as u64;
+                }
+            }
+            if f.len > 2 * kept + (1 << 20) {
+                let _ = m.compact();
+            }
         }
     }
 
@@ -457,8 +606,18 @@ pub fn trace_text(
                 g.raw_text, o.finish_reason, o.usage.prompt_tokens, o.usage.cached_tokens,
                 o.usage.completion_tokens, o.usage.reasoning_tokens, o.reasoning, o.content
             ));
+            s.push_str(&format!(
+                "cache: reused {} of {} prompt tokens, prefilled {}\n",
+                o.usage.cached_tokens, o.usage.prompt_tokens, o.timings.prefill_tokens
+            ));
             for c in &o.tool_calls {
                 s.push_str(&format!("tool_call: {} {}\n", c.name, c.arguments));
+            }
+            if let Some(b) = &g.tool_block {
+                s.push_str(&format!("tool_block (kept for exact replay): {b:?}\n"));
+            }
+            if let Some(e) = &o.tool_error {
+                s.push_str(&format!("tool_parse_error: {e}\n"));
             }
         }
         Err(e) => s.push_str(&format!("--- error ---\n{e}\n")),
@@ -544,6 +703,45 @@ mod tests {
         m.remember(&["d".into()], "BLOCK3");
         assert_eq!(m.block_for(&["a"]), None, "oldest evicted");
         assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn tool_memory_file_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("ds4-toolmem-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tool-memory.jsonl");
+        {
+            let m = ToolMemory::with_file(3, 1 << 20, &path).expect("open");
+            m.remember(&["a".into(), "b".into()], "BLOCK1\n\"quoted\"");
+            m.remember(&["c".into()], "BLOCK2");
+            m.remember(&["d".into()], "BLOCK3");
+        }
+        // A torn line from a crash while appending is skipped.
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("append");
+            f.write_all(b"{\"ids\":[\"e\"],\"blo").expect("write");
+        }
+        let m = ToolMemory::with_file(3, 1 << 20, &path).expect("reopen");
+        assert_eq!(m.block_for(&["a"]), None, "evicted before the restart");
+        assert_eq!(m.block_for(&["b"]).as_deref(), Some("BLOCK1\n\"quoted\""));
+        assert_eq!(m.block_for(&["c"]).as_deref(), Some("BLOCK2"));
+        assert_eq!(m.block_for(&["d"]).as_deref(), Some("BLOCK3"));
+        assert_eq!(m.len(), 3);
+        // Compacted at load: only the kept entries remain in the file.
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(!text.contains("\"e\""));
+        // Ids of one block stay one block (multi-call replay needs that).
+        m.remember(&["x".into(), "y".into()], "PAR");
+        drop(m);
+        let m = ToolMemory::with_file(3, 1 << 20, &path).expect("reopen");
+        assert_eq!(m.block_for(&["x", "y"]).as_deref(), Some("PAR"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
-use crate::openai::{apply_tool_choice, body_bytes, content_text, parse_json};
+use crate::openai::{apply_tool_choice, body_bytes, content_text, forced_tools, parse_json};
 use crate::request::{
     self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present,
 };
@@ -270,7 +270,7 @@ async fn inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
         },
     )
     .map_err(|m| ApiError::bad_request(F, m).param("reasoning"))?;
-    let tools = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
+    let (tools, choice) = apply_tool_choice(parse_tools(req.tools)?, req.tool_choice.as_ref(), F)?;
     let mut msgs = Vec::new();
     if let Some(i) = req.instructions.filter(|i| !i.is_empty()) {
         msgs.push(ChatMessage::new(Role::System, i));
@@ -301,6 +301,7 @@ async fn inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
         sampling,
         thinking: effective != ThinkingMode::None,
         tools: !tools.is_empty(),
+        force_tool_call: forced_tools(&tools, &choice),
         ..GenOptions::default()
     };
     let max = request::max_tokens(
@@ -308,6 +309,7 @@ async fn inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
         F,
         "max_output_tokens",
     )?;
+    let prompt_text = state.tracing().then(|| prompt.to_text());
     let prepared = request::enqueue(&state, F, "input", prompt, max, opts).await?;
     let resp = RespState {
         state: state.clone(),
@@ -320,13 +322,14 @@ async fn inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
         open: None,
         text: String::new(),
         call_ids: Vec::new(),
+        trace: prompt_text.map(|p| (bytes.to_vec(), p)),
     };
     if req.stream.unwrap_or(false) {
         return Ok(request::sse_response(&state, prepared.job, resp));
     }
-    let g = request::collect(prepared.job)
-        .await
-        .map_err(|e| ApiError::new(F, StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let res = request::collect(prepared.job).await;
+    resp.trace(&res);
+    let g = res.map_err(|e| ApiError::new(F, StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let mut r = resp;
     let (obj, _) = r.final_object(&g);
     Ok(axum::Json(obj).into_response())
@@ -353,9 +356,18 @@ struct RespState {
     open: Option<(Open, String, String, String)>,
     text: String,
     call_ids: Vec<String>,
+    /// `--trace`: the raw request and the rendered prompt.
+    trace: Option<(Vec<u8>, String)>,
 }
 
 impl RespState {
+    fn trace(&self, res: &Result<Generation, String>) {
+        if let Some((raw, p)) = &self.trace {
+            self.state
+                .trace(&request::trace_text("responses", raw, p, res));
+        }
+    }
+
     fn ev(&mut self, ty: &str, mut body: Value) -> SseEvent {
         body["type"] = json!(ty);
         body["sequence_number"] = json!(self.seq);
@@ -552,6 +564,9 @@ impl Projector for RespState {
 
     fn on_msg(&mut self, msg: WorkerMsg) -> Vec<SseEvent> {
         let mut out = Vec::new();
+        if let WorkerMsg::Finished(res) = &msg {
+            self.trace(res);
+        }
         match msg {
             WorkerMsg::Event(Event::Reasoning(t)) if self.summary => {
                 self.push(Open::Reasoning, "", &t, &mut out)

@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub tool_memory_max_ids: usize,
     /// Human-readable request trace (contains full prompts and outputs).
     pub trace: Option<PathBuf>,
+    /// File persisting the exact-DSML replay map across restarts (the server uses
+    /// `--kv-disk-dir/tool-memory.jsonl`); `None` keeps it in memory only.
+    pub tool_memory_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
             keepalive_ms: 5000,
             tool_memory_max_ids: 100_000,
             trace: None,
+            tool_memory_file: None,
         }
     }
 }
@@ -104,8 +108,12 @@ impl AppState {
             Some(p) => Some(Arc::new(Mutex::new(std::fs::File::create(p)?))),
             None => None,
         };
+        let tool_memory = match &config.tool_memory_file {
+            Some(p) => ToolMemory::with_file(config.tool_memory_max_ids, 512 << 20, p)?,
+            None => ToolMemory::new(config.tool_memory_max_ids, 512 << 20),
+        };
         Ok(AppState {
-            tool_memory: Arc::new(ToolMemory::new(config.tool_memory_max_ids, 512 << 20)),
+            tool_memory: Arc::new(tool_memory),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             engine: Arc::new(OnceLock::new()),
@@ -480,7 +488,34 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::ct_eq;
+    use super::{LimitedListener, ct_eq};
+    use axum::serve::Listener;
+    use std::time::Duration;
+
+    /// `--max-connections`: with a cap of 1 a second client is not accepted until the
+    /// first connection closes.
+    #[tokio::test]
+    async fn connection_cap_holds_further_clients_back() {
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = inner.local_addr().expect("addr");
+        let mut l = LimitedListener::new(inner, 1);
+        let _c1 = tokio::net::TcpStream::connect(addr).await.expect("c1");
+        let (first, _) = l.accept().await;
+        let _c2 = tokio::net::TcpStream::connect(addr).await.expect("c2");
+        let second = tokio::time::timeout(Duration::from_millis(300), l.accept()).await;
+        assert!(
+            second.is_err(),
+            "a second connection was accepted past the cap"
+        );
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), l.accept()).await;
+        assert!(
+            second.is_ok(),
+            "the waiting client was not accepted after a close"
+        );
+    }
 
     #[test]
     fn constant_time_compare() {

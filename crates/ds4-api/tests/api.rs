@@ -593,6 +593,7 @@ async fn anthropic_error_shapes() {
         b"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"source\": {}}]}]}",
         b"{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}]}",
         b"{\"messages\": [{\"role\": \"user\", \"content\": 7}]}",
+        b"{\"max_tokens\": 5, \"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}",
     ] {
         let (s, _, b) = send(&app, post("/v1/messages", body.to_vec())).await;
         assert_eq!(s, 400, "{b}");
@@ -838,6 +839,22 @@ async fn metrics_text() {
     assert!(b.contains("ds4_generations_total 1"));
     assert!(b.contains("ds4_queue_depth 0"));
     assert!(b.contains("ds4_live_context_tokens"));
+    // Everything issue 6 lists: requests, tokens, prefill/decode speed, queue depth,
+    // prefix-cache hits, live context (the disk-cache gauges: bins/ds4-server e2e).
+    for name in [
+        "ds4_prompt_tokens_total",
+        "ds4_prompt_cached_tokens_total",
+        "ds4_completion_tokens_total",
+        "ds4_reasoning_tokens_total",
+        "ds4_prefill_tokens_per_second",
+        "ds4_decode_tokens_per_second",
+        "ds4_queue_rejected_total",
+        "ds4_generations_cancelled_total",
+        "ds4_context_size_tokens",
+        "ds4_ready 1",
+    ] {
+        assert!(b.contains(name), "{name} missing: {b}");
+    }
 }
 
 /// Arbitrary bytes and mutated valid requests never panic the server and always get a
@@ -907,6 +924,19 @@ async fn trace_file_records_requests() {
         json!({"messages": user("trace me")}),
     )
     .await;
+    // Every generation endpoint traces, streaming or not.
+    post_json(
+        &app,
+        "/v1/responses",
+        json!({"input": "responses trace", "stream": true}),
+    )
+    .await;
+    post_json(
+        &app,
+        "/v1/messages",
+        json!({"max_tokens": 8, "messages": user("anthropic trace")}),
+    )
+    .await;
     let text = std::fs::read_to_string(&path).expect("trace");
     let _ = std::fs::remove_file(&path);
     assert!(
@@ -914,6 +944,10 @@ async fn trace_file_records_requests() {
         "{text}"
     );
     assert!(text.contains("Hello from the fake engine."));
+    assert!(text.contains("===== request responses") && text.contains("responses trace"));
+    assert!(text.contains("===== request messages") && text.contains("anthropic trace"));
+    // The cache decision of each request.
+    assert_eq!(text.matches("cache: reused ").count(), 3, "{text}");
 }
 
 #[tokio::test]

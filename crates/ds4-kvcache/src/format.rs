@@ -461,7 +461,7 @@ pub fn parse_table(h: &Header, b: &[u8]) -> Result<Vec<TableEntry>> {
         if le_u32(e, 44) != 0 {
             return Err(corrupt(format!("section {name:?}: reserved field set")));
         }
-        if offset % SECTION_ALIGN != 0 || offset < min_offset {
+        if !offset.is_multiple_of(SECTION_ALIGN) || offset < min_offset {
             return Err(corrupt(format!("section {name:?}: bad offset {offset}")));
         }
         let end = offset

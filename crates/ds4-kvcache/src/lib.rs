@@ -8,10 +8,12 @@
 //! (temp file, fsync, rename, directory fsync), the space budget is a hard cap that
 //! includes files being written, and several processes can share one directory.
 //!
-//! The crate knows nothing of HTTP, of tokenization or of when a request starts: the server
-//! calls the pure [`policy`] functions at its save moments and hands snapshots to the
-//! [`writer`]. It sees the model's state only as named byte sections ([`payload`]), with one
-//! impl for `ds4_model::SessionState` ([`session`]).
+//! The crate knows nothing of HTTP: [`manager::DiskCache`] is the engine-facing cache that
+//! both `ds4-server` and the `ds4` CLI drive (lookup and restore before a prefill, the cold,
+//! continued, evict and shutdown saves, statistics), built on the pure [`policy`] functions,
+//! the [`store`] and the background [`writer`]. The store sees the model's state only as
+//! named byte sections ([`payload`]), with one impl for `ds4_model::SessionState`
+//! ([`session`]); [`identity`] tags every entry with the model that wrote it.
 //!
 //! Modules, in reading order:
 //! * [`payload`]: the state as named byte sections;
@@ -19,12 +21,18 @@
 //! * [`policy`]: ds4's save moments, lengths and eviction score, as pure functions;
 //! * [`store`]: the directory, its index, lookup, load, save and eviction;
 //! * [`writer`]: the background save thread;
-//! * [`session`]: `SessionState` as a payload.
+//! * [`session`]: `SessionState` as a payload;
+//! * [`identity`]: the model identity of a loaded model;
+//! * [`manager`]: the cache as an engine uses it (server and CLI);
+//! * [`accounting`]: bytes per token of the state, per layer type.
 
 #![warn(missing_docs)]
 
+pub mod accounting;
 pub mod error;
 pub mod format;
+pub mod identity;
+pub mod manager;
 pub mod payload;
 pub mod policy;
 pub mod session;
@@ -33,6 +41,8 @@ pub mod writer;
 
 pub use error::{Error, Result};
 pub use format::{ModelIdentity, SaveReason};
+pub use identity::model_identity;
+pub use manager::{CacheStats, DiskCache, DiskCacheConfig, LogFn, Prepared, Restored};
 pub use payload::{FromSections, OwnedSection, Payload, Section, Sections};
 pub use policy::{Frontier, Policy};
 pub use store::{

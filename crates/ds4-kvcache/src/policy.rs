@@ -133,7 +133,7 @@ impl Policy {
     /// of where the cold checkpoint landed).
     pub fn continued_target(&self, live: usize, frontier: &Frontier) -> Option<usize> {
         let step = self.continued_step();
-        (step > 0 && live >= self.min_tokens && live % step == 0 && live > frontier.last)
+        (step > 0 && live >= self.min_tokens && live.is_multiple_of(step) && live > frontier.last)
             .then_some(live)
     }
 

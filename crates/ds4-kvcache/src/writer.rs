@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::format::SaveReason;
 use crate::payload::Payload;
-use crate::store::{SaveOutcome, SaveRequest, Store};
+use crate::store::{Key, SaveOutcome, SaveRequest, Store};
 
 /// An owned save request.
 pub struct SaveJob {
@@ -27,6 +27,9 @@ pub struct SaveJob {
     pub reason: SaveReason,
     /// The state snapshot.
     pub payload: Box<dyn Payload + Send>,
+    /// An entry this one replaces: removed once this save is durable (a consumed entry,
+    /// KVCACHE.md s4.3 step 7, deleted only after its successor exists, s11.13).
+    pub supersedes: Option<Key>,
 }
 
 impl std::fmt::Debug for SaveJob {
@@ -81,6 +84,14 @@ impl Writer {
                         payload: job.payload.as_ref(),
                     };
                     let r = store.save(&req);
+                    if r.is_ok()
+                        && let Some(old) = job.supersedes
+                        && old != crate::store::key_of(&job.text)
+                    {
+                        // The successor is durable; a failed unlink leaves an entry that
+                        // eviction removes later.
+                        let _ = store.remove(&old);
+                    }
                     // The submitter may have dropped its ticket: nothing to report then.
                     let _ = done.send(r);
                 }

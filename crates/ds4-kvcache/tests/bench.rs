@@ -159,6 +159,7 @@ fn bench_save_load_throughput() {
             ctx_size: 65536,
             reason: SaveReason::Continued,
             payload: Box::new(snapshot),
+            supersedes: None,
         })
         .expect("queue has room");
     let submit_time = t.elapsed();

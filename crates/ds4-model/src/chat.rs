@@ -232,10 +232,10 @@ impl Prompt {
         special_in_untrusted: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         for s in &self.segments {
-            if let Segment::Special(lit) = s {
-                if tok.token_id(lit).is_none_or(|id| !tok.is_added(id)) {
-                    return Err(TokenizerError::MissingToken((*lit).to_string()));
-                }
+            if let Segment::Special(lit) = s
+                && tok.token_id(lit).is_none_or(|id| !tok.is_added(id))
+            {
+                return Err(TokenizerError::MissingToken((*lit).to_string()));
             }
         }
         Ok(tok.encode_parts(self.segments.iter().map(|s| match s {
@@ -313,13 +313,12 @@ pub fn render(messages: &[ChatMessage], opts: &ChatOptions) -> Prompt {
             _ => None,
         };
         if let Some(block) = block {
-            if let Some(last) = msgs.last_mut() {
-                if last.role == Role::User {
-                    if let Some(blocks) = last.blocks.as_mut() {
-                        blocks.push(block);
-                        continue;
-                    }
-                }
+            if let Some(last) = msgs.last_mut()
+                && last.role == Role::User
+                && let Some(blocks) = last.blocks.as_mut()
+            {
+                blocks.push(block);
+                continue;
             }
             msgs.push(Msg {
                 role: Role::User,
@@ -344,11 +343,9 @@ pub fn render(messages: &[ChatMessage], opts: &ChatOptions) -> Prompt {
             response_format: None,
         });
     }
-    if needs_system {
-        if let Some(sys) = msgs.iter_mut().find(|m| m.role == Role::System) {
-            sys.tools = opts.tools.clone();
-            sys.response_format = opts.response_format.clone();
-        }
+    if needs_system && let Some(sys) = msgs.iter_mut().find(|m| m.role == Role::System) {
+        sys.tools = opts.tools.clone();
+        sys.response_format = opts.response_format.clone();
     }
     // Step 2: order tool results by the position of their call in the latest assistant
     // message with tool calls (unknown ids sort as 0; the sort is stable).
@@ -390,25 +387,26 @@ pub fn render(messages: &[ChatMessage], opts: &ChatOptions) -> Prompt {
     }
     // Step 3: reasoning retention. Tools force it on.
     let drop = opts.drop_thinking && msgs.iter().all(|m| m.tools.is_empty());
-    if thinking && drop {
-        if let Some(last_user) = last_user_index(&msgs) {
-            let mut kept = Vec::with_capacity(msgs.len());
-            for (i, mut m) in msgs.into_iter().enumerate() {
-                if i >= last_user
-                    || matches!(
-                        m.role,
-                        Role::User | Role::System | Role::Tool | Role::LatestReminder
-                    )
-                {
-                    kept.push(m);
-                } else if m.role == Role::Assistant {
-                    m.reasoning = None;
-                    kept.push(m);
-                }
-                // Developer messages before the last user message are dropped.
+    if thinking
+        && drop
+        && let Some(last_user) = last_user_index(&msgs)
+    {
+        let mut kept = Vec::with_capacity(msgs.len());
+        for (i, mut m) in msgs.into_iter().enumerate() {
+            if i >= last_user
+                || matches!(
+                    m.role,
+                    Role::User | Role::System | Role::Tool | Role::LatestReminder
+                )
+            {
+                kept.push(m);
+            } else if m.role == Role::Assistant {
+                m.reasoning = None;
+                kept.push(m);
             }
-            msgs = kept;
+            // Developer messages before the last user message are dropped.
         }
+        msgs = kept;
     }
     // Step 4: render.
     let last_user = last_user_index(&msgs);

@@ -182,21 +182,21 @@ impl Config {
         let clamp_shexp = md
             .get_array_f64(&format!("{P}swiglu_clamp_shexp"))
             .unwrap_or_else(|| clamp_exp.clone());
-        if let Some(g) = md.get_u64(&format!("{P}expert_group_count")) {
-            if g > 1 {
-                return Err(config_err(
-                    &format!("{P}expert_group_count"),
-                    format!("{g}: group-limited routing does not exist in V4"),
-                ));
-            }
+        if let Some(g) = md.get_u64(&format!("{P}expert_group_count"))
+            && g > 1
+        {
+            return Err(config_err(
+                &format!("{P}expert_group_count"),
+                format!("{g}: group-limited routing does not exist in V4"),
+            ));
         }
-        if let Some(f) = md.get_u64(&format!("{P}expert_gating_func")) {
-            if f != 4 {
-                return Err(config_err(
-                    &format!("{P}expert_gating_func"),
-                    format!("{f}, expected 4 (sqrt-softplus)"),
-                ));
-            }
+        if let Some(f) = md.get_u64(&format!("{P}expert_gating_func"))
+            && f != 4
+        {
+            return Err(config_err(
+                &format!("{P}expert_gating_func"),
+                format!("{f}, expected 4 (sqrt-softplus)"),
+            ));
         }
         let scaling_type = md.get_str(&format!("{P}rope.scaling.type"));
         let factor = md
@@ -287,13 +287,13 @@ impl Config {
                     .ok_or_else(|| config_err(k, "not a number")),
             }
         };
-        if let Some(mt) = get("model_type").and_then(Value::as_str) {
-            if mt != "deepseek_v4" {
-                return Err(config_err(
-                    "model_type",
-                    format!("expected \"deepseek_v4\", found {mt:?}"),
-                ));
-            }
+        if let Some(mt) = get("model_type").and_then(Value::as_str)
+            && mt != "deepseek_v4"
+        {
+            return Err(config_err(
+                "model_type",
+                format!("expected \"deepseek_v4\", found {mt:?}"),
+            ));
         }
         let n_layer = req_u("num_hidden_layers")?;
         let head_dim = req_u("head_dim")?;
@@ -474,7 +474,7 @@ impl Config {
         pos("n_hc_sinkhorn_iter", self.n_hc_sinkhorn_iter)?;
         pos("n_expert", self.n_expert)?;
         pos("n_ff_exp", self.n_ff_exp)?;
-        if self.n_rot % 2 != 0 || self.n_rot > self.head_dim {
+        if !self.n_rot.is_multiple_of(2) || self.n_rot > self.head_dim {
             return Err(config_err(
                 "n_rot",
                 format!(
@@ -483,7 +483,7 @@ impl Config {
                 ),
             ));
         }
-        if self.n_head % self.n_out_group != 0 {
+        if !self.n_head.is_multiple_of(self.n_out_group) {
             return Err(config_err(
                 "n_out_group",
                 format!(

@@ -194,7 +194,7 @@ pub fn role(name: &str) -> Option<Role> {
 /// The type actually written for a row of `ne0` values when `want` is asked for: `want` if
 /// `ne0` is a whole number of its blocks, else the next type along K/IQ -> Q8_0 -> F16.
 pub fn fit_dtype(want: DType, ne0: u64) -> DType {
-    let fits = |t: DType| ne0 % t.block_elems() as u64 == 0;
+    let fits = |t: DType| ne0.is_multiple_of(t.block_elems() as u64);
     if fits(want) {
         want
     } else if want != DType::Q8_0 && want.is_quantized() && fits(DType::Q8_0) {
@@ -315,10 +315,10 @@ pub fn tokenizer_metadata(json: &[u8], n_vocab: usize) -> Result<Vec<(String, Ow
     let model = v
         .get("model")
         .ok_or_else(|| bad("no \"model\" object".into()))?;
-    if let Some(t) = model.get("type").and_then(Value::as_str) {
-        if t != "BPE" {
-            return Err(bad(format!("model type {t:?}, expected BPE")));
-        }
+    if let Some(t) = model.get("type").and_then(Value::as_str)
+        && t != "BPE"
+    {
+        return Err(bad(format!("model type {t:?}, expected BPE")));
     }
     let vocab = model
         .get("vocab")

@@ -22,7 +22,90 @@ pub struct CpuBackend;
 /// the batch or the thread, so results stay reproducible bit for bit, and the fixed-width
 /// accumulator array lets LLVM keep the partial sums in vector registers (a plain sequential
 /// `sum()` cannot be vectorized and made attention a third of the prefill time).
+///
+/// Dispatches to an AVX-512 or AVX2 version with the same operations lane for lane (one
+/// 16-lane or two 8-lane accumulators, the same pairwise fold, the same scalar tail; Rust
+/// never contracts a multiply and an add into an FMA), so the bits never depend on the CPU.
+/// LLVM's own vectorization of [`dot_generic`] used 8-byte loads even inside AVX-512 code.
+#[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    match Simd::get() {
+        // SAFETY: avx512f was detected at run time.
+        Simd::Avx512 => return unsafe { dot_avx512(a, b) },
+        // SAFETY: avx2 was detected at run time.
+        Simd::Avx2 => return unsafe { dot_avx2(a, b) },
+        Simd::Base => {}
+    }
+    dot_generic(a, b)
+}
+
+/// [`dot`] with one 512-bit accumulator (lane `i` = partial sum `i`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,sse3")]
+fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let n16 = n / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..n16).step_by(16) {
+        // SAFETY: i + 16 <= n16 <= both lengths; unaligned loads.
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+            )
+        };
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
+    }
+    let v8 = _mm256_add_ps(
+        _mm512_castps512_ps256(acc),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+    );
+    fold8(v8, &a[n16..n], &b[n16..n])
+}
+
+/// [`dot`] with two 256-bit accumulators (partial sums 0-7 and 8-15).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,sse3")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let n16 = n / 16 * 16;
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in (0..n16).step_by(16) {
+        // SAFETY: i + 16 <= n16 <= both lengths; unaligned loads.
+        unsafe {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb)));
+            hi = _mm256_add_ps(
+                hi,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8))),
+            );
+        }
+    }
+    fold8(_mm256_add_ps(lo, hi), &a[n16..n], &b[n16..n])
+}
+
+/// The rest of [`dot_generic`]'s fold from 8 partial sums (`acc[i] += acc[i + w]` for
+/// w = 4, 2, 1), then the sequential tail.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,sse3")]
+fn fold8(v8: std::arch::x86_64::__m256, ar: &[f32], br: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps::<1>(v8));
+    let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+    let v1 = _mm_add_ss(v2, _mm_movehdup_ps(v2));
+    let mut s = _mm_cvtss_f32(v1);
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// The portable definition of [`dot`].
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -47,6 +130,125 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
+
+/// The vector instruction set the hot f32 loops of this backend are compiled for, detected
+/// once. The workspace builds for baseline x86-64 (SSE2), where LLVM vectorizes [`dot`] into
+/// 8-byte loads; the same Rust source compiled inside a `#[target_feature]` function uses
+/// AVX2 or AVX-512 registers and gives the same bits (element-wise lanes, explicit order,
+/// no FMA contraction), so the choice never changes a result.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Base,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Simd {
+    fn get() -> Simd {
+        static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return Simd::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    return Simd::Avx2;
+                }
+            }
+            Simd::Base
+        })
+    }
+}
+
+/// Defines `$name(args) -> R`, which runs the `#[inline(always)]` function `$body` compiled
+/// for the best [`Simd`] level of this CPU.
+macro_rules! simd_dispatch {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn v512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v256($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                match Simd::get() {
+                    // SAFETY: the features were detected at run time (Simd::get).
+                    Simd::Avx512 => return unsafe { v512($($arg),*) },
+                    // SAFETY: as above.
+                    Simd::Avx2 => return unsafe { v256($($arg),*) },
+                    Simd::Base => {}
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+/// One attention head (see [`Backend::attention`]): softmax over `rows` with a sink,
+/// weighted sum of the rows into `oh`.
+#[inline(always)]
+fn attend_head(qh: &[f32], rows: &[&[f32]], sink: f32, scale: f32, oh: &mut [f32]) {
+    // Plain loops rather than iterator adapters: an adapter's `fold` is a separate generic
+    // function that is not inlined here and so would not get this function's features.
+    let mut logits = Vec::with_capacity(rows.len());
+    for k in rows {
+        logits.push(dot(qh, k) * scale);
+    }
+    let mx = logits.iter().fold(sink, |a, &b| a.max(b));
+    let mut den = (sink - mx).exp();
+    oh.fill(0.0);
+    for (l, k) in logits.iter().zip(rows) {
+        let w = (l - mx).exp();
+        den += w;
+        oh.iter_mut()
+            .zip(k.iter())
+            .for_each(|(o, &kv)| *o += w * kv);
+    }
+    oh.iter_mut().for_each(|o| *o /= den);
+}
+
+simd_dispatch!(attend_head_simd, attend_head, (qh: &[f32], rows: &[&[f32]], sink: f32, scale: f32, oh: &mut [f32]));
+
+/// One indexer score (see [`Backend::indexer_scores`]).
+#[inline(always)]
+fn index_score(q: &[f32], weights: &[f32], k: &[f32]) -> f32 {
+    let di = k.len();
+    // `Iterator::sum` of f32 starts from -0.0; kept so the bits match the earlier
+    // `map(..).sum()`, written as a loop so that it inlines (see `attend_head`).
+    let mut s = -0.0f32;
+    for (h, &wh) in weights.iter().enumerate() {
+        s += wh * dot(&q[h * di..(h + 1) * di], k).max(0.0);
+    }
+    s
+}
+
+simd_dispatch!(index_score_simd, index_score, (q: &[f32], weights: &[f32], k: &[f32]) -> f32);
+
+/// The body of [`Backend::hc_post`].
+#[inline(always)]
+fn hc_post_body(state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], m: usize) {
+    let d = o.len();
+    let old = state.to_vec();
+    for j in 0..m {
+        let dst = &mut state[j * d..(j + 1) * d];
+        for (k, v) in dst.iter_mut().enumerate() {
+            let mut acc = post[j] * o[k];
+            for i in 0..m {
+                acc += comb[i * m + j] * old[i * d + k];
+            }
+            *v = acc;
+        }
+    }
+}
+
+simd_dispatch!(hc_post_simd, hc_post_body, (state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], m: usize));
 
 /// Numerically plain `1/sqrt(mean(x^2) + eps)`, accumulating the sum of squares in f64 as
 /// ds4's CPU reference does (MODEL.md s6).
@@ -196,18 +398,7 @@ impl Backend for CpuBackend {
     }
 
     fn hc_post(&self, state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], m: usize) {
-        let d = o.len();
-        let old = state.to_vec();
-        for j in 0..m {
-            let dst = &mut state[j * d..(j + 1) * d];
-            for (k, v) in dst.iter_mut().enumerate() {
-                let mut acc = post[j] * o[k];
-                for i in 0..m {
-                    acc += comb[i * m + j] * old[i * d + k];
-                }
-                *v = acc;
-            }
-        }
+        hc_post_simd(state, o, post, comb, m);
     }
 
     fn attention(&self, q: &[f32], rows: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]) {
@@ -216,19 +407,7 @@ impl Backend for CpuBackend {
         // Heads are independent: split them over threads when there is enough work. Each
         // head's arithmetic is the same sequential loop either way.
         let head = |(h, oh): (usize, &mut [f32])| {
-            let qh = &q[h * hd..(h + 1) * hd];
-            let logits: Vec<f32> = rows.iter().map(|k| dot(qh, k) * scale).collect();
-            let mx = logits.iter().fold(sinks[h], |a, &b| a.max(b));
-            let mut den = (sinks[h] - mx).exp();
-            oh.fill(0.0);
-            for (l, k) in logits.iter().zip(rows) {
-                let w = (l - mx).exp();
-                den += w;
-                oh.iter_mut()
-                    .zip(k.iter())
-                    .for_each(|(o, &kv)| *o += w * kv);
-            }
-            oh.iter_mut().for_each(|o| *o /= den);
+            attend_head_simd(&q[h * hd..(h + 1) * hd], rows, sinks[h], scale, oh);
         };
         if n_head * rows.len() * hd >= PAR_MIN_WORK {
             out.par_chunks_mut(hd).enumerate().for_each(head);
@@ -242,9 +421,7 @@ impl Backend for CpuBackend {
         let di = q.len() / n_head;
         let score = |(b, out): (usize, &mut f32)| {
             let k = &rows[b * di..(b + 1) * di];
-            *out = (0..n_head)
-                .map(|h| weights[h] * dot(&q[h * di..(h + 1) * di], k).max(0.0))
-                .sum();
+            *out = index_score_simd(q, weights, k);
         };
         // Rows are independent (1M context: 262k rows x 64 heads x 128 dims per query).
         if scores.len() * q.len() >= PAR_MIN_WORK {
@@ -349,6 +526,27 @@ mod tests {
             assert!((col - 1.0).abs() < 1e-4, "col {i}: {col}");
         }
         assert!(post.iter().all(|&v| (0.0..=2.0).contains(&v)));
+    }
+
+    /// The AVX-512 / AVX2 dots (whichever this CPU runs) give `dot_generic`'s bits.
+    #[test]
+    fn dot_dispatch_is_bit_identical() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        for n in 0..300 {
+            let a: Vec<f32> = (0..n).map(|_| next() * 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            assert_eq!(
+                dot(&a, &b).to_bits(),
+                dot_generic(&a, &b).to_bits(),
+                "n = {n}"
+            );
+        }
     }
 
     #[test]

@@ -43,7 +43,6 @@ use ds4_tensor::{DType, HostTensor, Shape, TensorBytes};
 use rayon::prelude::*;
 
 use crate::config::Config;
-use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::session::{LoadOptions, Model};
 use crate::tokenizer::Tokenizer;
@@ -117,14 +116,15 @@ pub fn config() -> Result<Config> {
     Ok(cfg)
 }
 
-/// The demo model on the CPU backend. The weights are built at the first call and shared
+/// The demo model on the backend `opts.device` names. The weights are built at the first call and shared
 /// by later ones.
 pub fn model(opts: &LoadOptions) -> Result<Model> {
     static CACHE: OnceLock<std::result::Result<(Config, Weights), String>> = OnceLock::new();
     let built = CACHE.get_or_init(|| build().map_err(|e| e.to_string()));
     match built {
         Ok((cfg, weights)) => {
-            Model::from_parts(cfg.clone(), weights.clone(), Arc::new(CpuBackend), opts)
+            let backend = crate::device::backend_for(opts, weights)?;
+            Model::from_parts(cfg.clone(), weights.clone(), backend, opts)
         }
         Err(what) => Err(Error::Load {
             path: NAME.to_string(),

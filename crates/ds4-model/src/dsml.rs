@@ -638,10 +638,10 @@ fn find_block_start(text: &str, plain_xml: bool) -> Option<(usize, usize)> {
         if tag == OPEN_BLOCK[2] && !plain_xml {
             continue;
         }
-        if let Some(i) = text.find(tag) {
-            if best.is_none_or(|b| i < b.0) {
-                best = Some((i, tag.len()));
-            }
+        if let Some(i) = text.find(tag)
+            && best.is_none_or(|b| i < b.0)
+        {
+            best = Some((i, tag.len()));
         }
     }
     best
@@ -717,10 +717,10 @@ impl<'a> Cursor<'a> {
         let rest = rest.strip_prefix('<')?;
         let rest = if close { rest.strip_prefix('/')? } else { rest };
         for m in MARKERS {
-            if let Some(r) = rest.strip_prefix(m) {
-                if r.starts_with(name) {
-                    return Some(1 + usize::from(close) + m.len() + name.len());
-                }
+            if let Some(r) = rest.strip_prefix(m)
+                && r.starts_with(name)
+            {
+                return Some(1 + usize::from(close) + m.len() + name.len());
             }
         }
         None
@@ -1004,10 +1004,10 @@ impl DsmlStream {
                 // Hold back trailing whitespace (it may precede a block) and any suffix
                 // that could be the start of an open tag.
                 let mut safe = self.buf.trim_end().len();
-                if let Some(lt) = self.buf[..safe].rfind('<') {
-                    if is_block_open_prefix(&self.buf[lt..safe], self.plain_xml) {
-                        safe = lt;
-                    }
+                if let Some(lt) = self.buf[..safe].rfind('<')
+                    && is_block_open_prefix(&self.buf[lt..safe], self.plain_xml)
+                {
+                    safe = lt;
                 }
                 let safe = self.buf[..safe].trim_end().len().max(self.released_content);
                 if safe > self.released_content {
@@ -1367,12 +1367,12 @@ impl DsmlGreedyTracker {
                 mut escape,
             } => {
                 self.buf.push(c);
-                if let Some(i) = self.buf.rfind("</") {
-                    if CLOSE_PARAM.contains(&&self.buf[i..]) {
-                        self.buf.clear();
-                        self.state = TrackState::Markup;
-                        return;
-                    }
+                if let Some(i) = self.buf.rfind("</")
+                    && CLOSE_PARAM.contains(&&self.buf[i..])
+                {
+                    self.buf.clear();
+                    self.state = TrackState::Markup;
+                    return;
                 }
                 if json {
                     if in_str {

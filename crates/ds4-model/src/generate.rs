@@ -14,7 +14,9 @@
 //!    searched in the raw text; the text is split into reasoning (up to `</think>` when
 //!    the prompt ended with `<think>`) and content; with tools, content goes through the
 //!    streaming DSML parser ([`crate::dsml::DsmlStream`]) which yields tool-call events
-//!    and ends generation when the block closes.
+//!    and ends generation when the block closes. With [`GenOptions::force_tool_call`]
+//!    (`tool_choice` required / named) a [`crate::toolforce::Forcer`] picks or restricts
+//!    each token so that the output is a call of one of those tools.
 //! 4. **Stop** on EOS (never emitted nor fed), `<｜User｜>`/`<｜Assistant｜>`/BOS
 //!    (defensive), a stop string (text cut before it), a closed tool block, the token
 //!    budget, a full context, or the cancel flag (checked before every token).
@@ -27,7 +29,8 @@
 //! - [`prompt_tokens`]: render chat messages and tokenize them (injection-safe);
 //! - [`GenOptions`] (sampling, stop strings, budget, tools, thinking, cancel flag);
 //! - [`PrefixCache`] (optional prompt snapshot for divergent prompts);
-//! - [`generate`]`(session, tokenizer, prompt, opts, cache, on_progress, on_event)`;
+//! - [`generate`]`(session, tokenizer, prompt, opts, cache, on_progress, on_event)`, and
+//!   [`generate_observed`] with a hook after each generated token is fed;
 //! - [`Event`], [`FinishReason`], [`Usage`], [`Timings`], [`Outcome`].
 //!
 //! The session keeps every generated token except EOS (never fed) and, when a stop
@@ -44,6 +47,7 @@ use crate::error::{Error, Result};
 use crate::sampling::{self, Sampler, SamplingParams, StopScanner};
 use crate::session::{Session, SessionState};
 use crate::tokenizer::{StreamDecoder, THINK_END_TEXT, THINK_TEXT, Tokenizer};
+use crate::toolforce::{ForcedTool, Forcer};
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +179,10 @@ pub struct GenOptions {
     pub dsml_greedy: bool,
     /// Accept plain-XML `<tool_calls>` blocks too (ds4 compatibility).
     pub accept_plain_xml: bool,
+    /// Non-empty (with `tools`): the generation must call one of these tools
+    /// (`tool_choice: "required"`, or one tool for a named choice); decoding is
+    /// constrained by [`crate::toolforce::Forcer`].
+    pub force_tool_call: Vec<ForcedTool>,
     /// Tokens per prefill step between progress reports and cancel checks.
     pub prefill_chunk: usize,
     /// Set it (from another thread or a signal handler) to stop at the next chunk/token.
@@ -191,6 +199,7 @@ impl Default for GenOptions {
             tools: false,
             dsml_greedy: true,
             accept_plain_xml: false,
+            force_tool_call: Vec::new(),
             prefill_chunk: 256,
             cancel: None,
         }
@@ -271,6 +280,31 @@ pub fn generate(
     on_progress: &mut dyn FnMut(usize, usize),
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Outcome> {
+    generate_observed(
+        session,
+        tok,
+        prompt,
+        opts,
+        cache,
+        on_progress,
+        on_event,
+        &mut |_| {},
+    )
+}
+
+/// [`generate`], calling `after_feed(session)` each time a generated token has been fed to
+/// the session (the disk KV cache's continued saves during decoding snapshot it there).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_observed(
+    session: &mut Session<'_>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenOptions,
+    cache: Option<&mut PrefixCache>,
+    on_progress: &mut dyn FnMut(usize, usize),
+    on_event: &mut dyn FnMut(Event),
+    after_feed: &mut dyn FnMut(&Session<'_>),
+) -> Result<Outcome> {
     if prompt.is_empty() {
         return Err(Error::NoLogits);
     }
@@ -332,6 +366,8 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampling);
     let mut tracker = DsmlGreedyTracker::new(opts.thinking);
     let mut text = TextPipeline::new(opts);
+    let mut forcer = (opts.tools && !opts.force_tool_call.is_empty())
+        .then(|| Forcer::new(tok, opts.force_tool_call.clone(), opts.thinking));
     let mut pending: Option<u32> = None;
     let reason = loop {
         if let Some(id) = pending.take() {
@@ -339,6 +375,7 @@ pub fn generate(
                 break FinishReason::ContextFull;
             }
             session.feed(&[id])?;
+            after_feed(session);
         }
         if cancelled() {
             break FinishReason::Cancelled;
@@ -353,7 +390,16 @@ pub fn generate(
         } else {
             opts.sampling.temperature
         };
-        let id = sampler.sample_with_temperature(logits, temperature);
+        // Tokens left: the budget, and the context (the last sampled token is not fed).
+        let remaining = (opts.max_tokens - out.tokens.len())
+            .min(session.n_ctx().saturating_sub(session.n_past()) + 1);
+        let forced = forcer
+            .as_mut()
+            .and_then(|f| f.pick(tok, logits, remaining, &mut sampler, temperature));
+        let id = match forced {
+            Some(id) => id,
+            None => sampler.sample_with_temperature(logits, temperature),
+        };
         if let Some(r) = sampling::end_token_reason(id, &specials) {
             break match r {
                 sampling::FinishReason::Eos => FinishReason::Eos,
@@ -366,7 +412,11 @@ pub fn generate(
         }
         let piece = text.decoder.push(tok, id)?;
         tracker.push(&piece);
-        if let Some(r) = text.push(&piece, &mut out, on_event) {
+        let ended = text.push(&piece, &mut out, on_event);
+        if let Some(f) = forcer.as_mut() {
+            f.observe(tok, id, &piece, text.in_reasoning(), remaining - 1);
+        }
+        if let Some(r) = ended {
             break r;
         }
         pending = Some(id);

@@ -17,6 +17,7 @@
 //! - [`state`]: per-layer decoding state (raw ring, compressor frontiers, compressed rows);
 //! - [`forward`]: the forward pass, once, against `ds4_tensor::backend::Backend`;
 //! - [`cpu`]: the CPU backend (the correctness oracle);
+//! - [`device`]: picking the backend at load (CPU, or CUDA with the weights uploaded);
 //! - [`session`]: [`Model`] and [`Session`], the public engine boundary.
 //!
 //! ```no_run
@@ -34,6 +35,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod cpu;
+pub mod device;
 pub mod error;
 pub mod forward;
 pub mod gguf;
@@ -57,3 +59,4 @@ pub mod engine;
 pub mod generate;
 pub mod sampling;
 pub mod tokenizer;
+pub mod toolforce;

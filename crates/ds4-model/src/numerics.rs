@@ -26,26 +26,26 @@ pub fn rope_freqs(n_rot: usize, theta: f32, yarn: Option<&Yarn>) -> Vec<f32> {
         .map(|i| theta.powf((2 * i) as f32 / n_rot as f32))
         .collect();
     let mut f: Vec<f32> = pos_freqs.iter().map(|pf| 1.0 / pf).collect();
-    if let Some(y) = yarn {
-        if y.factor > 1.0 {
-            // The correction range is computed in f64 like Python's math module does.
-            let corr = |rot: f64| {
-                n_rot as f64 * (y.original_ctx as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
-                    / (2.0 * (theta as f64).ln())
-            };
-            let low = corr(y.beta_fast as f64).floor().max(0.0);
-            let high = corr(y.beta_slow as f64).ceil().min(n_rot as f64 - 1.0);
-            let (low, mut high) = (low as f32, high as f32);
-            if low == high {
-                high += 0.001;
-            }
-            for (i, fi) in f.iter_mut().enumerate() {
-                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
-                let extrapolation = 1.0 - ramp;
-                // Same operation order as transformers' `_compute_yarn_parameters`.
-                let interpolation = 1.0 / (y.factor * pos_freqs[i]);
-                *fi = interpolation * (1.0 - extrapolation) + *fi * extrapolation;
-            }
+    if let Some(y) = yarn
+        && y.factor > 1.0
+    {
+        // The correction range is computed in f64 like Python's math module does.
+        let corr = |rot: f64| {
+            n_rot as f64 * (y.original_ctx as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * (theta as f64).ln())
+        };
+        let low = corr(y.beta_fast as f64).floor().max(0.0);
+        let high = corr(y.beta_slow as f64).ceil().min(n_rot as f64 - 1.0);
+        let (low, mut high) = (low as f32, high as f32);
+        if low == high {
+            high += 0.001;
+        }
+        for (i, fi) in f.iter_mut().enumerate() {
+            let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            // Same operation order as transformers' `_compute_yarn_parameters`.
+            let interpolation = 1.0 / (y.factor * pos_freqs[i]);
+            *fi = interpolation * (1.0 - extrapolation) + *fi * extrapolation;
         }
     }
     f

@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ds4_tensor::backend::Backend;
+use ds4_tensor::backend::{Backend, Device};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::cpu::CpuBackend;
+use crate::device::UploadProgress;
 use crate::error::{Error, Result};
 use crate::forward::Graph;
 use crate::numerics::{RopeKind, rope_freqs_for};
@@ -25,6 +25,10 @@ pub struct LoadOptions {
     pub qat_sim: bool,
     /// Largest number of tokens [`Session::feed`] processes in one batched step.
     pub prefill_chunk: usize,
+    /// The compute backend ([`crate::device`]): the CPU (default) or CUDA device 0.
+    pub device: Device,
+    /// Called during a GPU backend's weight upload with `(done_bytes, total_bytes)`.
+    pub upload_progress: Option<UploadProgress>,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +36,8 @@ impl Default for LoadOptions {
         LoadOptions {
             qat_sim: true,
             prefill_chunk: 256,
+            device: Device::Cpu,
+            upload_progress: None,
         }
     }
 }
@@ -49,7 +55,7 @@ pub struct Model {
 
 impl Model {
     /// Loads a `.gguf` file or a Hugging Face checkpoint directory (`config.json` +
-    /// `*.safetensors`), on the CPU backend.
+    /// `*.safetensors`), on the backend `opts.device` names.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let load_err = |what: String| Error::Load {
             path: path.display().to_string(),
@@ -67,7 +73,8 @@ impl Model {
             crate::gguf::load(path)?
         };
         cfg.validate()?;
-        Model::from_parts(cfg, weights, Arc::new(CpuBackend), opts)
+        let backend = crate::device::backend_for(opts, &weights)?;
+        Model::from_parts(cfg, weights, backend, opts)
     }
 
     /// Builds a model from an already validated config and bound weights.
@@ -110,6 +117,11 @@ impl Model {
     /// The bound weights.
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// The options the model was loaded with.
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
     }
 
     fn graph(&self) -> Graph<'_> {
@@ -252,5 +264,11 @@ impl<'m> Session<'m> {
     /// Returns to a state taken with [`Session::snapshot`] (of a session of the same model).
     pub fn restore(&mut self, state: &SessionState) {
         self.st = state.clone();
+    }
+
+    /// Like [`Session::restore`], taking the state by value (no copy; the disk KV cache
+    /// hands over a freshly loaded state).
+    pub fn restore_owned(&mut self, state: SessionState) {
+        self.st = state;
     }
 }

@@ -1105,10 +1105,10 @@ fn bpe_small(tok: &Tokenizer, piece: &[u8], out: &mut Vec<u32>) {
         let syms = &out[start..];
         let mut best: Option<(u32, usize, u32)> = None;
         for i in 0..syms.len().saturating_sub(1) {
-            if let Some(&(rank, id)) = tok.merges.get(&pair_key(syms[i], syms[i + 1])) {
-                if best.is_none_or(|b| rank < b.0) {
-                    best = Some((rank, i, id));
-                }
+            if let Some(&(rank, id)) = tok.merges.get(&pair_key(syms[i], syms[i + 1]))
+                && best.is_none_or(|b| rank < b.0)
+            {
+                best = Some((rank, i, id));
             }
         }
         let Some((_, i, id)) = best else { break };
@@ -1166,13 +1166,12 @@ fn bpe_heap(tok: &Tokenizer, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<
                 heap.push(Reverse((r, s.prev, id)));
             }
         }
-        if right.next != NONE {
-            if let Some(&(r, id)) = tok
+        if right.next != NONE
+            && let Some(&(r, id)) = tok
                 .merges
                 .get(&pair_key(new_id, syms[right.next as usize].id))
-            {
-                heap.push(Reverse((r, pos, id)));
-            }
+        {
+            heap.push(Reverse((r, pos, id)));
         }
     }
     let mut i = 0u32;

@@ -16,8 +16,10 @@
 //! run on the current rayon pool: to choose the thread count, build a
 //! `rayon::ThreadPool` with `num_threads(n)` and call them inside `pool.install(|| ...)`.
 //!
-//! For a batch ([`matmul`]) each task loops over its rows outermost and over the tokens
-//! innermost, so a weight row is read from memory once and reused from L1 for every token.
+//! For a batch ([`matmul`]) each task runs groups of up to 8 tokens through the multi-token
+//! kernels (`Kernels::*_n`, which unpack a weight block once for all tokens of the group and
+//! give every value bit for bit as the single-row kernel does), rows innermost, so the group's
+//! activations stay in L1 while the task's weight rows stream from L2.
 //!
 //! Every length is checked and reported as an [`Error`]; nothing here panics on a bad
 //! input. Weight bytes at any alignment are accepted (GGUF data is 32-byte aligned, so the
@@ -39,6 +41,22 @@ use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, Error, QK_K, Q
 const TASK_BYTES: usize = 64 * 1024;
 /// Rows a task should cover at least.
 const TASK_ROWS: usize = 16;
+/// Tokens per multi-token kernel call in a batch: enough to amortize unpacking a weight
+/// block, few enough that the tokens' accumulators stay in registers (the x86 kernels split
+/// it further into 4-token register tiles).
+const TOKEN_GROUP: usize = 8;
+/// Activation bytes of one token group that should stay in L1 next to the weight rows.
+const GROUP_BYTES: usize = 24 * 1024;
+
+/// Tokens per group for activations of `tok_bytes` bytes per token: [`TOKEN_GROUP`], or 4
+/// when 8 tokens would not fit [`GROUP_BYTES`] (e.g. the 4096-wide attention output).
+fn group_size(tok_bytes: usize) -> usize {
+    if TOKEN_GROUP * tok_bytes <= GROUP_BYTES {
+        TOKEN_GROUP
+    } else {
+        TOKEN_GROUP / 2
+    }
+}
 
 /// The activation format a weight type's fast dot product expects: [`DType::Q8K`] for the
 /// K and IQ formats, [`DType::Q8_0`] for Q8_0, [`DType::F32`] for the float types, `None` for
@@ -58,7 +76,7 @@ pub fn activation_dtype(dtype: DType) -> Option<DType> {
 /// # Errors
 /// [`Error::NotWholeBlocks`] if `xs` is not a whole number of 256-value blocks.
 pub fn quantize_q8k(xs: &[f32]) -> Result<Vec<BlockQ8K>> {
-    if xs.len() % QK_K != 0 {
+    if !xs.len().is_multiple_of(QK_K) {
         return Err(Error::NotWholeBlocks {
             dtype: DType::Q8K,
             len: xs.len(),
@@ -77,7 +95,7 @@ pub fn quantize_q8k(xs: &[f32]) -> Result<Vec<BlockQ8K>> {
 /// # Errors
 /// [`Error::NotWholeBlocks`] if `xs` is not a whole number of 32-value blocks.
 pub fn quantize_q8_0(xs: &[f32]) -> Result<Vec<BlockQ8_0>> {
-    if xs.len() % QK8_0 != 0 {
+    if !xs.len().is_multiple_of(QK8_0) {
         return Err(Error::NotWholeBlocks {
             dtype: DType::Q8_0,
             len: xs.len(),
@@ -325,13 +343,46 @@ impl Gemv {
             row_bytes,
         };
         match (dtype, act) {
-            (DType::Q2K, Act::Q8K(x)) => m.apply::<BlockQ2K, _>(k.q2k_q8k, x, n_tok, ys),
-            (DType::Q4K, Act::Q8K(x)) => m.apply::<BlockQ4K, _>(k.q4k_q8k, x, n_tok, ys),
-            (DType::Iq2Xxs, Act::Q8K(x)) => m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, x, n_tok, ys),
-            (DType::Q8_0, Act::Q8_0(x)) => m.apply::<BlockQ8_0, _>(k.q8_0_q8_0, x, n_tok, ys),
-            (DType::F16, Act::F32(x)) => m.apply::<f16, _>(k.f16_f32, x, n_tok, ys),
-            (DType::BF16, Act::F32(x)) => m.apply::<bf16, _>(k.bf16_f32, x, n_tok, ys),
-            (DType::F32, Act::F32(x)) => m.apply::<f32, _>(k.f32_f32, x, n_tok, ys),
+            (DType::Q2K, Act::Q8K(x)) => {
+                m.apply::<BlockQ2K, _>(k.q2k_q8k, k.q2k_q8k_n, x, n_tok, ys)
+            }
+            (DType::Q4K, Act::Q8K(x)) => {
+                m.apply::<BlockQ4K, _>(k.q4k_q8k, k.q4k_q8k_n, x, n_tok, ys)
+            }
+            (DType::Iq2Xxs, Act::Q8K(x)) => {
+                m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, k.iq2xxs_q8k_n, x, n_tok, ys)
+            }
+            (DType::Q8_0, Act::Q8_0(x)) => match k.q8_0_q8_0_g {
+                Some(g) if n_tok > 1 => {
+                    // The tokens' scales as f32, once per call: [group][block][8 lanes],
+                    // lanes past a short last group repeating its last token.
+                    let nb = n_cols / QK8_0;
+                    let gs = group_size(n_cols / QK8_0 * size_of::<BlockQ8_0>());
+                    let n_groups = n_tok.div_ceil(gs);
+                    // 8 lanes per block whatever the group size (the kernel's layout).
+                    let per_group = nb * 8;
+                    let mut xd = vec![0.0f32; n_groups * per_group];
+                    for (gi, xdg) in xd.chunks_exact_mut(per_group).enumerate() {
+                        let t0 = gi * gs;
+                        let last = (n_tok - t0).min(gs) - 1;
+                        for (i, lanes) in xdg.chunks_exact_mut(8).enumerate() {
+                            for (l, v) in lanes.iter_mut().enumerate() {
+                                *v = x[(t0 + l.min(last)) * nb + i].d.to_f32();
+                            }
+                        }
+                    }
+                    m.apply_groups::<BlockQ8_0>(n_tok, gs, ys, |row, t0, tn, out| {
+                        let xd = &xd[t0 / gs * per_group..][..per_group];
+                        g(row, &x[t0 * nb..(t0 + tn) * nb], xd, out);
+                    })
+                }
+                _ => m.apply::<BlockQ8_0, _>(k.q8_0_q8_0, k.q8_0_q8_0_n, x, n_tok, ys),
+            },
+            (DType::F16, Act::F32(x)) => m.apply::<f16, _>(k.f16_f32, k.f16_f32_n, x, n_tok, ys),
+            (DType::BF16, Act::F32(x)) => {
+                m.apply::<bf16, _>(k.bf16_f32, k.bf16_f32_n, x, n_tok, ys)
+            }
+            (DType::F32, Act::F32(x)) => m.apply::<f32, _>(k.f32_f32, k.f32_f32_n, x, n_tok, ys),
             // Pairs other than the above were refused at the top.
             (dtype, _) => return Err(Error::Unsupported { dtype, op }),
         }
@@ -347,7 +398,7 @@ fn check_cols(dtype: DType, n_cols: usize) -> Result<()> {
             op: "matmul",
         });
     }
-    if n_cols % dtype.block_elems() != 0 {
+    if !n_cols.is_multiple_of(dtype.block_elems()) {
         return Err(Error::NotWholeBlocks {
             dtype,
             len: n_cols,
@@ -369,7 +420,7 @@ fn n_tok(len: usize, per_tok: usize, elems: usize) -> Result<usize> {
             Err(shape("activations", 0, len))
         };
     }
-    if len % per_tok != 0 || len == 0 {
+    if !len.is_multiple_of(per_tok) || len == 0 {
         return Err(shape("activations", per_tok * elems, len * elems));
     }
     Ok(len / per_tok)
@@ -414,38 +465,83 @@ struct Mat<'a> {
 
 impl Mat<'_> {
     /// `ys[t, r] = kernel(row r, x[t])` for every row and token, rows split over rayon tasks.
+    ///
+    /// One token (decode) calls the single-row `kernel`. A batch calls `kernel_n` on groups of
+    /// up to [`TOKEN_GROUP`] tokens: within a task, token groups outermost and rows innermost,
+    /// so the group's activations stay in L1 while the task's rows stream from L2, and each
+    /// weight block is unpacked once per group. `kernel_n` gives every value bit for bit as
+    /// `kernel` does, so the grouping (like the thread count) never changes a result.
     fn apply<B: Pod + Sync, A: Sync>(
         &self,
         kernel: fn(&[B], &[A]) -> f32,
+        kernel_n: fn(&[B], &[A], &mut [f32]),
         x: &[A],
         n_tok: usize,
         ys: &mut [f32],
     ) {
         let per_tok = x.len() / n_tok;
         let chunk_rows = self.task_rows();
-        let rows = |first: usize, out: &mut [f32] /* [rows, n_tok] */| {
-            for (i, out_row) in out.chunks_exact_mut(n_tok).enumerate() {
-                let start = (first + i) * self.row_bytes;
-                let row = cast_row::<B>(&self.w[start..start + self.row_bytes]);
-                for (y, x) in out_row.iter_mut().zip(x.chunks_exact(per_tok)) {
+        if n_tok == 1 {
+            let rows = |first: usize, out: &mut [f32]| {
+                for (i, y) in out.iter_mut().enumerate() {
+                    let start = (first + i) * self.row_bytes;
+                    let row = cast_row::<B>(&self.w[start..start + self.row_bytes]);
                     *y = kernel(&row, x);
                 }
-            }
-        };
-        if n_tok == 1 {
+            };
             ys.par_chunks_mut(chunk_rows)
                 .enumerate()
                 .for_each(|(c, out)| rows(c * chunk_rows, out));
         } else {
-            // Computed as [n_rows, n_tok] so that each task owns a contiguous run, then
-            // transposed; the copy is tiny next to the products.
-            let mut yt = vec![0.0f32; ys.len()];
-            yt.par_chunks_mut(chunk_rows * n_tok)
-                .enumerate()
-                .for_each(|(c, out)| rows(c * chunk_rows, out));
-            for (r, yr) in yt.chunks_exact(n_tok).enumerate() {
-                for (t, &v) in yr.iter().enumerate() {
-                    ys[t * self.n_rows + r] = v;
+            let gs = group_size(per_tok * size_of::<A>());
+            self.apply_groups::<B>(n_tok, gs, ys, |row, t0, tn, out| {
+                kernel_n(row, &x[t0 * per_tok..(t0 + tn) * per_tok], out);
+            });
+        }
+    }
+
+    /// The batch part of [`Mat::apply`]: `group(row, t0, tn, out)` must write the outputs of
+    /// tokens `t0..t0 + tn` (`tn <= gs`, groups of `gs` tokens) for one weight row into `out`.
+    fn apply_groups<B: Pod + Sync>(
+        &self,
+        n_tok: usize,
+        gs: usize,
+        ys: &mut [f32],
+        group: impl Fn(&[B], usize, usize, &mut [f32]) + Sync,
+    ) {
+        let chunk_rows = self.task_rows();
+        // Computed as [n_rows, n_tok] so that each task owns a contiguous run, then
+        // transposed; the copy is small next to the products.
+        let rows = |first: usize, out: &mut [f32] /* [rows, n_tok] */| {
+            let n_rows = out.len() / n_tok;
+            let task_w = &self.w[first * self.row_bytes..(first + n_rows) * self.row_bytes];
+            let task_w = cast_row::<B>(task_w);
+            let per_row = task_w.len() / n_rows;
+            for t0 in (0..n_tok).step_by(gs) {
+                let tn = (n_tok - t0).min(gs);
+                for (row, out_row) in task_w
+                    .chunks_exact(per_row)
+                    .zip(out.chunks_exact_mut(n_tok))
+                {
+                    group(row, t0, tn, &mut out_row[t0..t0 + tn]);
+                }
+            }
+        };
+        let mut yt = vec![0.0f32; ys.len()];
+        yt.par_chunks_mut(chunk_rows * n_tok)
+            .enumerate()
+            .for_each(|(c, out)| rows(c * chunk_rows, out));
+        // Transposed in blocks of 16 rows: each token's 16 outputs are one contiguous
+        // 64-byte run of `ys`, and the 16 source rows stay in L1 across the tokens (a
+        // plain row-by-row scatter missed the cache on every store).
+        const TB: usize = 16;
+        for (b, yb) in yt.chunks(TB * n_tok).enumerate() {
+            let r0 = b * TB;
+            let nr = yb.len() / n_tok;
+            for t in 0..n_tok {
+                let dst = &mut ys[t * self.n_rows + r0..t * self.n_rows + r0 + nr];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = yb[i * n_tok + t];
                 }
             }
         }

@@ -261,7 +261,7 @@ pub fn quantize_rows(
     out: &mut [BlockIq2Xxs],
 ) {
     assert!(
-        n_cols > 0 && n_cols % QK_K == 0 && x.len() % n_cols == 0,
+        n_cols > 0 && n_cols.is_multiple_of(QK_K) && x.len().is_multiple_of(n_cols),
         "iq2_xxs::quantize_rows: {} values are not whole rows of {n_cols} (a multiple of 256)",
         x.len()
     );
@@ -287,7 +287,7 @@ pub fn quantize_rows(
 /// If `x` is not whole rows of `n_cols` values.
 pub fn column_energy(x: &[f32], n_cols: usize) -> Vec<f32> {
     assert!(
-        n_cols > 0 && x.len() % n_cols == 0,
+        n_cols > 0 && x.len().is_multiple_of(n_cols),
         "column_energy: {} values are not whole rows of {n_cols}",
         x.len()
     );

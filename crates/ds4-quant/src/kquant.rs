@@ -261,7 +261,7 @@ pub(crate) fn for_each_weighted_block<B>(
 /// Whether an importance vector of `imp_len` weights can weigh `x_len` values: one weight
 /// per column, whole rows of whole 256-value blocks.
 pub(crate) fn fits_importance(x_len: usize, imp_len: usize) -> bool {
-    imp_len > 0 && imp_len % crate::QK_K == 0 && x_len % imp_len == 0
+    imp_len > 0 && imp_len.is_multiple_of(crate::QK_K) && x_len.is_multiple_of(imp_len)
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ fn for_blocks<B: Pod>(bytes: &[u8], out: &mut [f32], elems: usize, f: fn(&[B], &
 pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let block_bytes = dtype.block_bytes();
     let block_elems = dtype.block_elems();
-    if bytes.len() % block_bytes != 0 {
+    if !bytes.len().is_multiple_of(block_bytes) {
         return Err(Error::NotWholeBlocks {
             dtype,
             len: bytes.len(),
@@ -155,7 +155,7 @@ pub fn quantize(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let block_elems = dtype.block_elems();
-    if x.len() % block_elems != 0 {
+    if !x.len().is_multiple_of(block_elems) {
         return Err(Error::NotWholeBlocks {
             dtype,
             len: x.len(),
@@ -165,13 +165,13 @@ pub fn quantize(
     }
     let n_blocks = x.len() / block_elems;
     let weighted = matches!(dtype, DType::Q2K | DType::Q4K | DType::Iq2Xxs);
-    if let (true, Some(imp)) = (weighted, importance) {
-        if !fits_importance(x.len(), imp.len()) {
-            return Err(Error::ImportanceLength {
-                got: imp.len(),
-                len: x.len(),
-            });
-        }
+    if let (true, Some(imp)) = (weighted, importance)
+        && !fits_importance(x.len(), imp.len())
+    {
+        return Err(Error::ImportanceLength {
+            got: imp.len(),
+            len: x.len(),
+        });
     }
     if dtype == DType::Iq2Xxs {
         check_range(dtype, "value", x, -IQ2_XXS_MAX_ABS, IQ2_XXS_MAX_ABS)?;

@@ -279,6 +279,55 @@ proptest! {
     fn floats_match_scalar(seed: u64, n in 0usize..300) { check_floats(seed, n); }
 }
 
+/// Multi-token kernels of the 2-bit expert formats: `out[t]` must equal the single-row dot
+/// of the same table bit for bit, for every token count 1..=9 (9 crosses a pass boundary of
+/// the AVX-512 VBMI kernels, which take 8 tokens at a time).
+fn check_multi_token_2bit(seed: u64, nb: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q2 = q2k_blocks(&mut rng, nb);
+    let iq = iq2_blocks(&mut rng, nb);
+    for n in 1..=9 {
+        let x = q8k(&random_f32(&mut rng, n * nb * QK_K));
+        for k in tables() {
+            let mut out = vec![f32::NAN; n];
+            (k.q2k_q8k_n)(&q2, &x, &mut out);
+            for (t, &o) in out.iter().enumerate() {
+                let single = (k.q2k_q8k)(&q2, &x[t * nb..(t + 1) * nb]);
+                assert_eq!(
+                    o.to_bits(),
+                    single.to_bits(),
+                    "Q2_K {:?} n={n} t={t}",
+                    k.isa
+                );
+            }
+            let mut out = vec![f32::NAN; n];
+            (k.iq2xxs_q8k_n)(&iq, &x, &mut out);
+            for (t, &o) in out.iter().enumerate() {
+                let single = (k.iq2xxs_q8k)(&iq, &x[t * nb..(t + 1) * nb]);
+                assert_eq!(
+                    o.to_bits(),
+                    single.to_bits(),
+                    "IQ2_XXS {:?} n={n} t={t}",
+                    k.isa
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 16,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct("proptest-regressions/kernels.txt"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn multi_token_2bit_match_single(seed: u64, nb in 1usize..6) { check_multi_token_2bit(seed, nb); }
+}
+
 /// Extreme quants: every weight byte at its maximum and the activations at ±127, where an
 /// i16 intermediate would saturate if a kernel got the bounds wrong.
 #[test]

@@ -8,6 +8,10 @@
 //! (Q2_K) or `2 * 43 * 127` (IQ2_XXS), all below `i16::MAX`, and the scaled i32 sums of a
 //! block stay far below `i32::MAX`. Only the per-block f32 scaling differs in rounding
 //! order from the scalar references. Checked by `tests/kernels.rs`.
+//!
+//! IQ2_XXS and Q2_K are written as multi-token kernels (`NT` tokens per pass over the
+//! weights, unpacking each weight block or group once; the single-row dot is `NT = 1`), so
+//! the `_n` entries are bit-identical per token to the single-row dot.
 
 use std::arch::x86_64::*;
 
@@ -28,7 +32,21 @@ pub(super) static KERNELS: Kernels = Kernels {
     f16_f32: dot_f16_f32,
     bf16_f32: dot_bf16_f32,
     f32_f32: dot_f32_f32,
+    q8_0_q8_0_n: super::tiles_x86::avx2_q8_0_q8_0_n,
+    q2k_q8k_n: dot_q2k_q8k_n,
+    q4k_q8k_n: super::tiles_x86::avx2_q4k_q8k_n,
+    iq2xxs_q8k_n: dot_iq2xxs_q8k_n,
+    f16_f32_n: dot_f16_f32_n,
+    bf16_f32_n: dot_bf16_f32_n,
+    f32_f32_n: dot_f32_f32_n,
+    q8_0_q8_0_g: None,
 };
+
+dot_n_passes!(dot_q2k_q8k_n, q2k_q8k, BlockQ2K, BlockQ8K);
+dot_n_passes!(dot_iq2xxs_q8k_n, iq2xxs_q8k, BlockIq2Xxs, BlockQ8K);
+dot_n_loop!(dot_f16_f32_n, dot_f16_f32, f16, f32);
+dot_n_loop!(dot_bf16_f32_n, dot_bf16_f32, bf16, f32);
+dot_n_loop!(dot_f32_f32_n, dot_f32_f32, f32, f32);
 
 // The safe wrappers below are only reachable through `KERNELS`, which `Kernels::for_isa`
 // returns only when `Isa::Avx2.is_supported()` (avx2 + fma + f16c detected at run time).
@@ -41,8 +59,10 @@ fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
 
 fn dot_q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_q2k_q8k: length mismatch");
+    let mut out = [0.0];
     // SAFETY: the CPU supports avx2, fma and f16c (see KERNELS); lengths are equal.
-    unsafe { q2k_q8k(w, x) }
+    unsafe { q2k_q8k::<1>(w, x, &mut out) };
+    out[0]
 }
 
 fn dot_q4k_q8k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
@@ -53,8 +73,10 @@ fn dot_q4k_q8k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 
 fn dot_iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_iq2xxs_q8k: length mismatch");
+    let mut out = [0.0];
     // SAFETY: the CPU supports avx2, fma and f16c (see KERNELS); lengths are equal.
-    unsafe { iq2xxs_q8k(w, x) }
+    unsafe { iq2xxs_q8k::<1>(w, x, &mut out) };
+    out[0]
 }
 
 fn dot_f16_f32(w: &[f16], x: &[f32]) -> f32 {
@@ -174,55 +196,62 @@ static Q2K_SCALE_SHUF: [[u8; 32]; 4] = {
     out
 };
 
+/// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens, each weight
+/// block unpacked once for all of them; `NT = 1` is the single-row dot.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
+unsafe fn q2k_q8k<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [f32]) {
+    let nb = w.len();
+    assert!(out.len() == NT && x.len() == nb * NT, "q2k_q8k: lengths");
     let m3 = _mm256_set1_epi8(3);
     let m4 = _mm_set1_epi8(0x0F);
     let shuf = Q2K_SCALE_SHUF.map(|s| load32(&s));
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm256_setzero_ps();
-    for (bw, bx) in w.iter().zip(x) {
-        let d = bx.d * f16_to_f32(bw.d);
-        let dmin = -bx.d * f16_to_f32(bw.dmin);
-
-        // SAFETY: `scales` is 16 bytes and `bsums` 32 bytes; unaligned loads.
-        let (sm, bsums) = unsafe {
-            (
-                _mm_loadu_si128(bw.scales.as_ptr().cast()),
-                _mm256_loadu_si256(bx.bsums.as_ptr().cast()),
-            )
-        };
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut acc_m = [_mm256_setzero_ps(); NT];
+    for (i, bw) in w.iter().enumerate() {
+        let (dw, dminw) = (f16_to_f32(bw.d), f16_to_f32(bw.dmin));
+        // SAFETY: `scales` is 16 bytes; unaligned load.
+        let sm = unsafe { _mm_loadu_si128(bw.scales.as_ptr().cast()) };
         let sc8 = _mm_and_si128(sm, m4);
-        let mn8 = _mm_and_si128(_mm_srli_epi16::<4>(sm), m4);
-        let mins = _mm256_madd_epi16(_mm256_cvtepu8_epi16(mn8), bsums);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mins), acc_m);
-
+        let mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
         let sc16 = _mm256_cvtepu8_epi16(sc8);
         let sc_half = [
             _mm256_permute2x128_si256::<0x00>(sc16, sc16),
             _mm256_permute2x128_si256::<0x11>(sc16, sc16),
         ];
-        let mut sumi = _mm256_setzero_si256();
-        for (h, &sc) in sc_half.iter().enumerate() {
+        // Step k = 4h + j: bit pair j of the 32 bytes of half h, i.e. elements 32k .. 32k + 32
+        // (sub-blocks 2k and 2k + 1), and their scales.
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut scale = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
             let q2 = load32_at(&bw.qs, 32 * h);
-            for (j, s) in shuf.iter().enumerate() {
-                // Bit pair j of the 32 bytes: elements 128h + 32j .. +32, i.e. sub-blocks
-                // 8h + 2j (low 16 values) and 8h + 2j + 1 (high 16 values).
-                let q = match j {
-                    0 => _mm256_and_si256(q2, m3),
-                    1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q2), m3),
-                    2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q2), m3),
-                    _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q2), m3),
-                };
-                let q8 = load32_at(&bx.qs, 128 * h + 32 * j);
-                let p = _mm256_maddubs_epi16(q, q8);
-                let scale = _mm256_shuffle_epi8(sc, *s);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p));
+            q[4 * h] = _mm256_and_si256(q2, m3);
+            q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(q2), m3);
+            q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(q2), m3);
+            q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(q2), m3);
+            for (j, sh) in shuf.iter().enumerate() {
+                scale[4 * h + j] = _mm256_shuffle_epi8(sc_half[h], *sh);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for (t, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
+            let bx = &x[t * nb + i];
+            // SAFETY: `bsums` is 16 i16 = 32 bytes; unaligned load.
+            let bsums = unsafe { _mm256_loadu_si256(bx.bsums.as_ptr().cast()) };
+            let mins = _mm256_madd_epi16(mn16, bsums);
+            *am = _mm256_fmadd_ps(_mm256_set1_ps(-bx.d * dminw), _mm256_cvtepi32_ps(mins), *am);
+            let mut sumi = _mm256_setzero_si256();
+            for k in 0..8 {
+                let p = _mm256_maddubs_epi16(q[k], load32_at(&bx.qs, 32 * k));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale[k], p));
+            }
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(bx.d * dw), _mm256_cvtepi32_ps(sumi), *a);
+        }
     }
-    hsum_ps(_mm256_add_ps(acc, acc_m))
+    for ((o, a), am) in out.iter_mut().zip(&acc).zip(&acc_m) {
+        *o = hsum_ps(_mm256_add_ps(*a, *am));
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -274,12 +303,21 @@ unsafe fn q4k_q8k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 // ---------------------------------------------------------------------------------------
 // IQ2_XXS x Q8_K: dx * d / 8 * sum_g (2 L_g + 1) * sum_{k,i} grid * sign * q8.
 
+/// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens, each weight
+/// block unpacked once for all of them; `NT = 1` is the single-row dot.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (bw, bx) in w.iter().zip(x) {
-        let d = 0.125 * bx.d * f16_to_f32(bw.d);
-        let mut sumi = [_mm256_setzero_si256(); 2];
+unsafe fn iq2xxs_q8k<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: &mut [f32]) {
+    let nb = w.len();
+    assert!(out.len() == NT && x.len() == nb * NT, "iq2xxs_q8k: lengths");
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for (i, bw) in w.iter().enumerate() {
+        let dw = 0.125 * f16_to_f32(bw.d);
+        // Group by group (keeps the registers of one group live, not of eight), each group
+        // applied to every token; per token the same instructions as the single-row dot.
+        let mut sumi = [[_mm256_setzero_si256(); 2]; NT];
         for g in 0..8 {
             let gb = &bw.qs[8 * g..8 * g + 8];
             let signs = u32::from_le_bytes([gb[4], gb[5], gb[6], gb[7]]);
@@ -297,15 +335,22 @@ unsafe fn iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
                 IQ2XXS_SIGNS[((signs >> 7) & 127) as usize] as i64,
                 IQ2XXS_SIGNS[(signs & 127) as usize] as i64,
             );
-            let q8 = _mm256_sign_epi8(load32_at(&bx.qs, 32 * g), sgn);
-            let p = _mm256_maddubs_epi16(grid, q8);
             let ls = _mm256_set1_epi16((2 * (signs >> 28) + 1) as i16);
-            sumi[g & 1] = _mm256_add_epi32(sumi[g & 1], _mm256_madd_epi16(p, ls));
+            for (t, s) in sumi.iter_mut().enumerate() {
+                let q8 = _mm256_sign_epi8(load32_at(&x[t * nb + i].qs, 32 * g), sgn);
+                let p = _mm256_maddubs_epi16(grid, q8);
+                s[g & 1] = _mm256_add_epi32(s[g & 1], _mm256_madd_epi16(p, ls));
+            }
         }
-        let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for (t, (a, s)) in acc.iter_mut().zip(&sumi).enumerate() {
+            let sumi = _mm256_add_epi32(s[0], s[1]);
+            let d = _mm256_set1_ps(x[t * nb + i].d * dw);
+            *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *a);
+        }
     }
-    hsum_ps(acc)
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = hsum_ps(*a);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@
 //! the halved loop saves), BF16 and f32 (bandwidth-bound anyway). An `_mm512_i64gather_epi64`
 //! of the IQ2_XXS grid rows was tried and was ~1.8x slower than eight scalar loads.
 //!
+//! IQ2_XXS and Q2_K are written as multi-token kernels (`NT` tokens per weight pass, the
+//! single-row dot is `NT = 1`), so that `out[t]` of the `_n` entries is bit-identical to the
+//! single-row dot. CPUs that also have VBMI, BITALG and GFNI use [`super::avx512_vbmi`] for
+//! these two formats instead.
+//!
 //! Checked by `tests/kernels.rs` against the scalar references on CPUs that have these
 //! features (the test is skipped for an instruction set the CPU lacks).
 //!
@@ -42,7 +47,18 @@ pub(super) static KERNELS: Kernels = Kernels {
     f16_f32: dot_f16_f32,
     bf16_f32: super::avx2::KERNELS.bf16_f32,
     f32_f32: super::avx2::KERNELS.f32_f32,
+    q8_0_q8_0_n: super::tiles_x86::avx512_q8_0_q8_0_n,
+    q2k_q8k_n: dot_q2k_q8k_n,
+    q4k_q8k_n: super::avx2::KERNELS.q4k_q8k_n,
+    iq2xxs_q8k_n: dot_iq2xxs_q8k_n,
+    f16_f32_n: super::tiles_x86::avx512_f16_f32_n,
+    bf16_f32_n: super::avx2::KERNELS.bf16_f32_n,
+    f32_f32_n: super::avx2::KERNELS.f32_f32_n,
+    q8_0_q8_0_g: Some(super::tiles_x86::avx512_q8_0_q8_0_g),
 };
+
+dot_n_passes!(dot_q2k_q8k_n, q2k_q8k, BlockQ2K, BlockQ8K);
+dot_n_passes!(dot_iq2xxs_q8k_n, iq2xxs_q8k, BlockIq2Xxs, BlockQ8K);
 
 // The safe wrappers below are only reachable through `KERNELS`, which `Kernels::for_isa`
 // returns only when `Isa::Avx512Vnni.is_supported()` (all features detected at run time).
@@ -55,14 +71,18 @@ fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
 
 fn dot_q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_q2k_q8k: length mismatch");
+    let mut out = [0.0];
     // SAFETY: the CPU supports the AVX-512 VNNI set and AVX2 (see KERNELS); equal lengths.
-    unsafe { q2k_q8k(w, x) }
+    unsafe { q2k_q8k::<1>(w, x, &mut out) };
+    out[0]
 }
 
 fn dot_iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_iq2xxs_q8k: length mismatch");
+    let mut out = [0.0];
     // SAFETY: the CPU supports the AVX-512 VNNI set and AVX2 (see KERNELS); equal lengths.
-    unsafe { iq2xxs_q8k(w, x) }
+    unsafe { iq2xxs_q8k::<1>(w, x, &mut out) };
+    out[0]
 }
 
 fn dot_f16_f32(w: &[f16], x: &[f32]) -> f32 {
@@ -137,52 +157,59 @@ static Q2K_SCALE_IDX: [[u16; 32]; 4] = {
     out
 };
 
+/// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens, each weight
+/// block unpacked once for all of them; `NT = 1` is the single-row dot.
+///
+/// # Safety
+/// The CPU must support the AVX-512 VNNI set and AVX2.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
-unsafe fn q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
+unsafe fn q2k_q8k<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [f32]) {
+    let nb = w.len();
+    assert!(out.len() == NT && x.len() == nb * NT, "q2k_q8k: lengths");
     let m3 = _mm256_set1_epi8(3);
     let m4 = _mm_set1_epi8(0x0F);
     // SAFETY: each table row is 32 u16 = 64 bytes; unaligned loads.
     let idx = Q2K_SCALE_IDX.map(|r| unsafe { _mm512_loadu_si512(r.as_ptr().cast()) });
-    let mut acc = _mm512_setzero_ps();
-    let mut acc_m = _mm256_setzero_ps();
-    for (bw, bx) in w.iter().zip(x) {
-        let d = bx.d * f16_to_f32(bw.d);
-        let dmin = -bx.d * f16_to_f32(bw.dmin);
-
-        // SAFETY: `scales` is 16 bytes and `bsums` 32 bytes; unaligned loads.
-        let (sm, bsums) = unsafe {
-            (
-                _mm_loadu_si128(bw.scales.as_ptr().cast()),
-                _mm256_loadu_si256(bx.bsums.as_ptr().cast()),
-            )
-        };
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let mut acc_m = [_mm256_setzero_ps(); NT];
+    for (i, bw) in w.iter().enumerate() {
+        let (dw, dminw) = (f16_to_f32(bw.d), f16_to_f32(bw.dmin));
+        // SAFETY: `scales` is 16 bytes; unaligned load.
+        let sm = unsafe { _mm_loadu_si128(bw.scales.as_ptr().cast()) };
         let sc8 = _mm_and_si128(sm, m4);
-        let mn8 = _mm_and_si128(_mm_srli_epi16::<4>(sm), m4);
-        let mins = _mm256_madd_epi16(_mm256_cvtepu8_epi16(mn8), bsums);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mins), acc_m);
-
+        let mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
         let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sc8));
-        let mut sumi = _mm512_setzero_si512();
+        // Step 2h + k: values 128h + 64k .. + 64 (bit pairs 2k and 2k + 1 of half h).
+        let mut q = [_mm512_setzero_si512(); 4];
         for h in 0..2 {
             let q2 = load256(&bw.qs, 32 * h);
-            let q01 = join(
+            q[2 * h] = join(
                 _mm256_and_si256(q2, m3),
                 _mm256_and_si256(_mm256_srli_epi16::<2>(q2), m3),
             );
-            let q23 = join(
+            q[2 * h + 1] = join(
                 _mm256_and_si256(_mm256_srli_epi16::<4>(q2), m3),
                 _mm256_and_si256(_mm256_srli_epi16::<6>(q2), m3),
             );
-            let p01 = _mm512_maddubs_epi16(q01, load512(&bx.qs, 128 * h));
-            let p23 = _mm512_maddubs_epi16(q23, load512(&bx.qs, 128 * h + 64));
-            let s01 = _mm512_permutexvar_epi16(idx[2 * h], sc);
-            let s23 = _mm512_permutexvar_epi16(idx[2 * h + 1], sc);
-            sumi = _mm512_dpwssd_epi32(sumi, p01, s01);
-            sumi = _mm512_dpwssd_epi32(sumi, p23, s23);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        let scale: [__m512i; 4] = std::array::from_fn(|t| _mm512_permutexvar_epi16(idx[t], sc));
+        for (t, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
+            let bx = &x[t * nb + i];
+            // SAFETY: `bsums` is 16 i16 = 32 bytes; unaligned load.
+            let bsums = unsafe { _mm256_loadu_si256(bx.bsums.as_ptr().cast()) };
+            let mins = _mm256_madd_epi16(mn16, bsums);
+            *am = _mm256_fmadd_ps(_mm256_set1_ps(-bx.d * dminw), _mm256_cvtepi32_ps(mins), *am);
+            let mut sumi = _mm512_setzero_si512();
+            for k in 0..4 {
+                let p = _mm512_maddubs_epi16(q[k], load512(&bx.qs, 64 * k));
+                sumi = _mm512_dpwssd_epi32(sumi, p, scale[k]);
+            }
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(bx.d * dw), _mm512_cvtepi32_ps(sumi), *a);
+        }
     }
-    _mm512_reduce_add_ps(acc) + hsum_ps(acc_m)
+    for ((o, a), am) in out.iter_mut().zip(&acc).zip(&acc_m) {
+        *o = _mm512_reduce_add_ps(*a) + hsum_ps(*am);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -205,13 +232,20 @@ fn iq2xxs_sign_mask(aux_a: u32, aux_b: u32) -> u64 {
     y | (p & 0x0101_0101_0101_0101) << 7
 }
 
+/// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens, each weight
+/// step unpacked once for all of them; `NT = 1` is the single-row dot.
+///
+/// # Safety
+/// The CPU must support the AVX-512 VNNI set, AVX2 and BMI2.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
-unsafe fn iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm512_setzero_ps();
+unsafe fn iq2xxs_q8k<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: &mut [f32]) {
+    let nb = w.len();
+    assert!(out.len() == NT && x.len() == nb * NT, "iq2xxs_q8k: lengths");
+    let mut acc = [_mm512_setzero_ps(); NT];
     let zero = _mm512_setzero_si512();
-    for (bw, bx) in w.iter().zip(x) {
-        let d = 0.125 * bx.d * f16_to_f32(bw.d);
-        let mut sumi = _mm512_setzero_si512();
+    for (i, bw) in w.iter().enumerate() {
+        let dw = 0.125 * f16_to_f32(bw.d);
+        let mut sumi = [_mm512_setzero_si512(); NT];
         for t in 0..4 {
             let q: &[u8; 16] = bw.qs[16 * t..16 * t + 16].try_into().expect("16 bytes");
             let aux_a = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
@@ -228,18 +262,25 @@ unsafe fn iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
                 g(q[0]),
             );
             let neg: __mmask64 = iq2xxs_sign_mask(aux_a, aux_b);
-            let q8 = load512(&bx.qs, 64 * t);
-            let q8 = _mm512_mask_sub_epi8(q8, neg, zero, q8);
-            let p = _mm512_maddubs_epi16(grid, q8);
             let ls = join(
                 _mm256_set1_epi16((2 * (aux_a >> 28) + 1) as i16),
                 _mm256_set1_epi16((2 * (aux_b >> 28) + 1) as i16),
             );
-            sumi = _mm512_dpwssd_epi32(sumi, p, ls);
+            for (tok, s) in sumi.iter_mut().enumerate() {
+                let q8 = load512(&x[tok * nb + i].qs, 64 * t);
+                let q8 = _mm512_mask_sub_epi8(q8, neg, zero, q8);
+                let p = _mm512_maddubs_epi16(grid, q8);
+                *s = _mm512_dpwssd_epi32(*s, p, ls);
+            }
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        for (tok, (a, s)) in acc.iter_mut().zip(&sumi).enumerate() {
+            let d = _mm512_set1_ps(x[tok * nb + i].d * dw);
+            *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(*s), *a);
+        }
     }
-    _mm512_reduce_add_ps(acc)
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = _mm512_reduce_add_ps(*a);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

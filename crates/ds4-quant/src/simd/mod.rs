@@ -9,11 +9,17 @@
 //! can run against its scalar reference.
 //!
 //! The best instruction set is detected once and cached; the environment variable
-//! `DS4_SIMD` (`scalar`, `avx2`, `avx512`, `neon`) caps it, so the scalar fallback can be
-//! exercised on any machine (`DS4_SIMD=scalar cargo test`). A request for an instruction set
-//! the CPU lacks falls back to the best one it has below it. Callers that loop over many
+//! `DS4_SIMD` (`scalar`, `avx2`, `avx512`, `avx512vbmi`, `neon`) caps it, so the scalar
+//! fallback can be exercised on any machine (`DS4_SIMD=scalar cargo test`). A request for an
+//! instruction set the CPU lacks falls back to the best one it has below it. Callers that loop over many
 //! rows fetch a [`Kernels`] table once ([`active`]) and call through its function pointers,
 //! so the per-call cost of dispatch is one indirect call.
+//!
+//! Multi-token kernels: every format also has a `*_n` entry ([`DotQ8_0N`] and friends) that
+//! runs one weight row against several tokens and returns, for each token, exactly the bits of
+//! the single-row kernel of the same table (so batched prefill equals decode). Real ones live
+//! in `tiles_x86.rs` (Q8_0, Q4_K, F16) and with the IQ2_XXS / Q2_K kernels; the rest loop over
+//! the single kernel (`dot_n_loop!`). `tests/kernels_n.rs` checks the bit identity.
 //!
 //! Activation precondition: the quant kernels use the sign trick of ggml (`|w| * sign(x, w)`
 //! with `maddubs`/`dpbusd`), which is exact for activation quants in `[-127, 127]`. The
@@ -26,12 +32,73 @@ use half::{bf16, f16};
 
 use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K};
 
+/// Defines `fn $name(w, x, out)`: the multi-token form of the single-row dot `$single`,
+/// as a plain loop over the tokens. Every ISA starts from this wrapper (so `out[t]` is
+/// trivially the single dot of token `t`); formats with a real multi-token kernel replace it.
+macro_rules! dot_n_loop {
+    ($name:ident, $single:path, $w:ty, $x:ty) => {
+        #[allow(dead_code)]
+        pub(crate) fn $name(w: &[$w], x: &[$x], out: &mut [f32]) {
+            let nb = w.len();
+            assert_eq!(
+                x.len(),
+                nb * out.len(),
+                concat!(stringify!($name), ": activation length mismatch")
+            );
+            for (t, o) in out.iter_mut().enumerate() {
+                *o = $single(w, &x[t * nb..(t + 1) * nb]);
+            }
+        }
+    };
+}
+
+/// Defines `fn $name(w, x, out)` over `unsafe fn $kernel<const NT: usize>(w, x, out)`, a
+/// multi-token kernel that handles exactly `NT` tokens in one pass over the weights (and
+/// whose `NT = 1` instance is the table's single-row dot): splits `out` into passes of at
+/// most 8 tokens and calls the instance of matching size, so that every token count keeps
+/// its accumulators in registers. `$kernel` may only need the features that guard the
+/// table the defined function is put in.
+#[allow(unused_macros)]
+macro_rules! dot_n_passes {
+    ($name:ident, $kernel:ident, $w:ty, $x:ty) => {
+        fn $name(w: &[$w], x: &[$x], out: &mut [f32]) {
+            let nb = w.len();
+            assert_eq!(
+                x.len(),
+                nb * out.len(),
+                concat!(stringify!($name), ": activation length mismatch")
+            );
+            for (p, o) in out.chunks_mut(8).enumerate() {
+                let xs = &x[8 * p * nb..(8 * p + o.len()) * nb];
+                // SAFETY: only reachable through the kernel table, which is handed out after
+                // the CPU was found to support its features; `xs` holds `o.len()` tokens.
+                unsafe {
+                    match o.len() {
+                        1 => $kernel::<1>(w, xs, o),
+                        2 => $kernel::<2>(w, xs, o),
+                        3 => $kernel::<3>(w, xs, o),
+                        4 => $kernel::<4>(w, xs, o),
+                        5 => $kernel::<5>(w, xs, o),
+                        6 => $kernel::<6>(w, xs, o),
+                        7 => $kernel::<7>(w, xs, o),
+                        _ => $kernel::<8>(w, xs, o),
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_vbmi;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod tiles_x86;
 
 /// An instruction set a kernel table is written for, from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,11 +111,20 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 (F, BW, VL) with VNNI (and BMI2, which every AVX-512 CPU has).
     Avx512Vnni,
+    /// The AVX-512 VNNI set plus VBMI, BITALG and GFNI (Zen 4, Ice Lake and later): the
+    /// 2-bit expert formats decode their blocks in registers.
+    Avx512Vbmi,
 }
 
 impl Isa {
     /// Every instruction set, least capable first.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Neon, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 5] = [
+        Isa::Scalar,
+        Isa::Neon,
+        Isa::Avx2,
+        Isa::Avx512Vnni,
+        Isa::Avx512Vbmi,
+    ];
 
     /// The name `DS4_SIMD` accepts for this instruction set.
     pub const fn name(self) -> &'static str {
@@ -57,6 +133,7 @@ impl Isa {
             Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512",
+            Isa::Avx512Vbmi => "avx512vbmi",
         }
     }
 
@@ -87,8 +164,15 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("bmi2")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vbmi => {
+                Isa::Avx512Vnni.is_supported()
+                    && std::arch::is_x86_feature_detected!("avx512vbmi")
+                    && std::arch::is_x86_feature_detected!("avx512bitalg")
+                    && std::arch::is_x86_feature_detected!("gfni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512Vnni => false,
+            Isa::Avx2 | Isa::Avx512Vnni | Isa::Avx512Vbmi => false,
         }
     }
 }
@@ -107,6 +191,34 @@ pub type DotF16 = fn(&[f16], &[f32]) -> f32;
 pub type DotBf16 = fn(&[bf16], &[f32]) -> f32;
 /// Dot product of two f32 rows.
 pub type DotF32 = fn(&[f32], &[f32]) -> f32;
+
+// Multi-token ("_n") kernels: one weight row `w` of `nb = w.len()` blocks (or elements)
+// against `out.len()` activation rows stored one after another in `x`
+// (`x.len() == out.len() * w.len()`). `out[t]` is bit-identical to the single-row dot of the
+// same table on `x[t * nb..(t + 1) * nb]`: the kernels may share the weight unpacking across
+// tokens but keep each token's reduction order. They panic on a length mismatch.
+
+/// Q8_0 weight row x `out.len()` Q8_0 activation rows.
+pub type DotQ8_0N = fn(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f32]);
+/// Q2_K weight row x `out.len()` Q8_K activation rows.
+pub type DotQ2KN = fn(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [f32]);
+/// Q4_K weight row x `out.len()` Q8_K activation rows.
+pub type DotQ4KN = fn(w: &[BlockQ4K], x: &[BlockQ8K], out: &mut [f32]);
+/// IQ2_XXS weight row x `out.len()` Q8_K activation rows.
+pub type DotIq2XxsN = fn(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: &mut [f32]);
+/// F16 weight row x `out.len()` f32 activation rows.
+pub type DotF16N = fn(w: &[f16], x: &[f32], out: &mut [f32]);
+/// BF16 weight row x `out.len()` f32 activation rows.
+pub type DotBf16N = fn(w: &[bf16], x: &[f32], out: &mut [f32]);
+/// f32 weight row x `out.len()` f32 activation rows.
+pub type DotF32N = fn(w: &[f32], x: &[f32], out: &mut [f32]);
+/// Q8_0 weight row x up to 8 Q8_0 activation rows (`out.len()` of them, stored one after
+/// another in `x` as for [`DotQ8_0N`]) whose block scales the caller has already converted:
+/// `xd[8 * i + t]` is the f32 value of token `t`'s scale in block `i` (`xd.len() == 8 *
+/// w.len()`; lanes `t >= out.len()` must hold a copy of a real token's scale). Same bits as
+/// the table's single dot; converting the scales once per token group instead of once per
+/// weight row is what makes it faster than [`DotQ8_0N`].
+pub type DotQ8_0G = fn(w: &[BlockQ8_0], x: &[BlockQ8_0], xd: &[f32], out: &mut [f32]);
 
 /// One instruction set's dot kernels, as plain function pointers.
 ///
@@ -131,6 +243,23 @@ pub struct Kernels {
     pub bf16_f32: DotBf16,
     /// f32 x f32.
     pub f32_f32: DotF32,
+    /// Q8_0 x Q8_0, one weight row against several tokens (bit-identical to `q8_0_q8_0`).
+    pub q8_0_q8_0_n: DotQ8_0N,
+    /// Q2_K x Q8_K, several tokens (bit-identical to `q2k_q8k`).
+    pub q2k_q8k_n: DotQ2KN,
+    /// Q4_K x Q8_K, several tokens (bit-identical to `q4k_q8k`).
+    pub q4k_q8k_n: DotQ4KN,
+    /// IQ2_XXS x Q8_K, several tokens (bit-identical to `iq2xxs_q8k`).
+    pub iq2xxs_q8k_n: DotIq2XxsN,
+    /// F16 x f32, several tokens (bit-identical to `f16_f32`).
+    pub f16_f32_n: DotF16N,
+    /// BF16 x f32, several tokens (bit-identical to `bf16_f32`).
+    pub bf16_f32_n: DotBf16N,
+    /// f32 x f32, several tokens (bit-identical to `f32_f32`).
+    pub f32_f32_n: DotF32N,
+    /// Q8_0 x Q8_0 for up to 8 tokens with pre-converted scales, where an instruction set
+    /// has such a kernel (bit-identical to `q8_0_q8_0`); `None` means use `q8_0_q8_0_n`.
+    pub q8_0_q8_0_g: Option<DotQ8_0G>,
 }
 
 static SCALAR: Kernels = Kernels {
@@ -142,7 +271,30 @@ static SCALAR: Kernels = Kernels {
     f16_f32: crate::f16::dot_f16_f32,
     bf16_f32: crate::f16::dot_bf16_f32,
     f32_f32: crate::f16::dot_f32,
+    q8_0_q8_0_n: scalar_n::q8_0_q8_0_n,
+    q2k_q8k_n: scalar_n::q2k_q8k_n,
+    q4k_q8k_n: scalar_n::q4k_q8k_n,
+    iq2xxs_q8k_n: scalar_n::iq2xxs_q8k_n,
+    f16_f32_n: scalar_n::f16_f32_n,
+    bf16_f32_n: scalar_n::bf16_f32_n,
+    f32_f32_n: scalar_n::f32_f32_n,
+    q8_0_q8_0_g: None,
 };
+
+/// The scalar table's multi-token entries: loops over the scalar references.
+mod scalar_n {
+    use half::{bf16, f16};
+
+    use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K};
+
+    dot_n_loop!(q8_0_q8_0_n, crate::q8_0::dot, BlockQ8_0, BlockQ8_0);
+    dot_n_loop!(q2k_q8k_n, crate::q2_k::dot, BlockQ2K, BlockQ8K);
+    dot_n_loop!(q4k_q8k_n, crate::q4_k::dot, BlockQ4K, BlockQ8K);
+    dot_n_loop!(iq2xxs_q8k_n, crate::iq2_xxs::dot, BlockIq2Xxs, BlockQ8K);
+    dot_n_loop!(f16_f32_n, crate::f16::dot_f16_f32, f16, f32);
+    dot_n_loop!(bf16_f32_n, crate::f16::dot_bf16_f32, bf16, f32);
+    dot_n_loop!(f32_f32_n, crate::f16::dot_f32, f32, f32);
+}
 
 impl Kernels {
     /// The kernel table of `isa`, or `None` when this CPU (or this build's target) cannot
@@ -157,6 +309,8 @@ impl Kernels {
             Isa::Avx2 => Some(&avx2::KERNELS),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Some(&avx512::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vbmi => Some(&avx512_vbmi::KERNELS),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(&neon::KERNELS),
             #[allow(unreachable_patterns)]

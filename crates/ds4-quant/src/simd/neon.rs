@@ -31,7 +31,23 @@ pub(super) static KERNELS: Kernels = Kernels {
     f16_f32: dot_f16_f32,
     bf16_f32: dot_bf16_f32,
     f32_f32: dot_f32_f32,
+    q8_0_q8_0_n: dot_q8_0_q8_0_n,
+    q2k_q8k_n: dot_q2k_q8k_n,
+    q4k_q8k_n: dot_q4k_q8k_n,
+    iq2xxs_q8k_n: dot_iq2xxs_q8k_n,
+    f16_f32_n: dot_f16_f32_n,
+    bf16_f32_n: dot_bf16_f32_n,
+    f32_f32_n: dot_f32_f32_n,
+    q8_0_q8_0_g: None,
 };
+
+dot_n_loop!(dot_q8_0_q8_0_n, dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0);
+dot_n_loop!(dot_q2k_q8k_n, dot_q2k_q8k, BlockQ2K, BlockQ8K);
+dot_n_loop!(dot_q4k_q8k_n, dot_q4k_q8k, BlockQ4K, BlockQ8K);
+dot_n_loop!(dot_iq2xxs_q8k_n, dot_iq2xxs_q8k, BlockIq2Xxs, BlockQ8K);
+dot_n_loop!(dot_f16_f32_n, dot_f16_f32, f16, f32);
+dot_n_loop!(dot_bf16_f32_n, dot_bf16_f32, bf16, f32);
+dot_n_loop!(dot_f32_f32_n, dot_f32_f32, f32, f32);
 
 /// Loads 16 signed bytes at `p[at..at + 16]`.
 #[inline]

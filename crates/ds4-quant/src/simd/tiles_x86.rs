@@ -1,0 +1,435 @@
+//! Multi-token ("_n") dot kernels for x86-64: one weight row against several tokens.
+//!
+//! Prefill runs every weight row against a chunk of tokens. The single-row kernels of
+//! [`super::avx2`] and [`super::avx512`] redo the weight work (load, `|w|`, sign mask, nibble
+//! unpacking, scale decoding) for every token; the kernels here do it once per weight block
+//! and apply it to 2-8 tokens held in registers.
+//!
+//! Contract (see [`super::DotQ8_0N`]): `out[t]` is **bit-identical** to the single-row kernel
+//! of the same table on token `t`. The integer block sums are exact whatever the method, so
+//! the kernels are free there; every f32 operation of the single kernel (the scale product,
+//! the FMA into the accumulator of the same parity, the final horizontal sum) is repeated
+//! lane for lane in the same order. With AVX-512 two tokens share one 512-bit vector: its
+//! low and high 256-bit halves run exactly the 256-bit arithmetic of the single kernel.
+//!
+//! Checked bit for bit against the single kernels by `tests/kernels_n.rs` (n = 1..=9).
+
+use std::arch::x86_64::*;
+
+use super::avx2::{f16_to_f32, hsum_ps};
+use crate::{BlockQ4K, BlockQ8_0, BlockQ8K};
+
+// The safe entry points below are only reachable through the kernel tables of `avx2` /
+// `avx512`, which `Kernels::for_isa` hands out only after run-time feature detection.
+
+/// AVX-512 VNNI Q8_0 x Q8_0 for `out.len()` tokens (table `avx512`).
+pub(super) fn avx512_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f32]) {
+    let nb = w.len();
+    assert_eq!(
+        x.len(),
+        nb * out.len(),
+        "q8_0_q8_0_n: activation length mismatch"
+    );
+    let n = out.len();
+    let mut t = 0;
+    while t < n {
+        let left = n - t;
+        // Up to 4 pairs of tokens per pass; an odd last token is paired with itself.
+        let pairs = left.div_ceil(2).min(4);
+        let take = left.min(2 * pairs);
+        let tk: [usize; 8] = std::array::from_fn(|k| (t + k.min(take - 1)) * nb);
+        let o = &mut out[t..t + take];
+        // SAFETY: the CPU supports the AVX-512 VNNI set (see above); every token offset
+        // plus nb lies within x (checked length).
+        unsafe {
+            match pairs {
+                4 => q8_0_pairs_512::<4>(w, x, tk, o),
+                3 => q8_0_pairs_512::<3>(w, x, tk, o),
+                2 => q8_0_pairs_512::<2>(w, x, tk, o),
+                _ => q8_0_pairs_512::<1>(w, x, tk, o),
+            }
+        }
+        t += take;
+    }
+}
+
+/// AVX-512 VNNI Q8_0 x Q8_0 for up to 8 tokens with pre-converted scales (see
+/// [`super::DotQ8_0G`]; table `avx512`).
+pub(super) fn avx512_q8_0_q8_0_g(w: &[BlockQ8_0], x: &[BlockQ8_0], xd: &[f32], out: &mut [f32]) {
+    let nb = w.len();
+    let n = out.len();
+    assert!(n <= 8, "q8_0_q8_0_g: at most 8 tokens");
+    assert_eq!(x.len(), nb * n, "q8_0_q8_0_g: activation length mismatch");
+    assert_eq!(xd.len(), 8 * nb, "q8_0_q8_0_g: scale length mismatch");
+    if n == 0 {
+        return;
+    }
+    let tk: [usize; 8] = std::array::from_fn(|k| k.min(n - 1) * nb);
+    // SAFETY: the CPU supports the AVX-512 VNNI set (see above); offsets within x, and xd
+    // holds 8 scales per block (checked above).
+    unsafe {
+        match n.div_ceil(2) {
+            4 => q8_0_pairs_g_512::<4>(w, x, xd, tk, out),
+            3 => q8_0_pairs_g_512::<3>(w, x, xd, tk, out),
+            2 => q8_0_pairs_g_512::<2>(w, x, xd, tk, out),
+            _ => q8_0_pairs_g_512::<1>(w, x, xd, tk, out),
+        }
+    }
+}
+
+/// [`q8_0_pairs_512`] with the tokens' scales read from `xd` (8 per block): `d = dw * dx`
+/// for the 8 tokens in one multiply, then one permute per pair.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+fn q8_0_pairs_g_512<const P: usize>(
+    w: &[BlockQ8_0],
+    x: &[BlockQ8_0],
+    xd: &[f32],
+    tk: [usize; 8],
+    out: &mut [f32],
+) {
+    let nb = w.len();
+    let xs: [&[BlockQ8_0]; 8] = std::array::from_fn(|k| &x[tk[k]..tk[k] + nb]);
+    let xd = &xd[..8 * nb];
+    let zero = _mm512_setzero_si512();
+    let idx: [__m512i; P] = std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+    });
+    let mut acc = [[_mm512_setzero_ps(); 2]; P];
+    // One block into the accumulators of its parity: a macro so that the parity is a
+    // constant and the accumulators stay in registers (indexing with `i & 1` kept
+    // them on the stack, a store and a load on every FMA).
+    macro_rules! block {
+        ($i:expr, $par:literal) => {{
+            let i = $i;
+            let bw = &w[i];
+            let qw = _mm512_broadcast_i64x4(load_qs(bw));
+            let aw = _mm512_abs_epi8(qw);
+            let neg = _mm512_movepi8_mask(qw);
+            let dxs: &[f32; 8] = xd[8 * i..8 * i + 8].try_into().expect("8 scales");
+            // SAFETY: 8 f32 = 32 bytes; unaligned load.
+            let dx = unsafe { _mm256_loadu_ps(dxs.as_ptr()) };
+            let d8 = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_set1_ps(f16_to_f32(bw.d)), dx));
+            for p in 0..P {
+                let (ba, bb) = (&xs[2 * p][i], &xs[2 * p + 1][i]);
+                let qx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_qs(ba)), load_qs(bb));
+                let sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);
+                let s32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                let d = _mm512_permutexvar_ps(idx[p], d8);
+                acc[p][$par] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s32), acc[p][$par]);
+            }
+        }};
+    }
+    let mut i = 0;
+    while i + 1 < nb {
+        block!(i, 0);
+        block!(i + 1, 1);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, 0);
+    }
+    for p in 0..P {
+        let s = _mm512_add_ps(acc[p][0], acc[p][1]);
+        out[2 * p] = hsum_ps(_mm512_castps512_ps256(s));
+        if 2 * p + 1 < out.len() {
+            out[2 * p + 1] = hsum_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(s),
+            )));
+        }
+    }
+}
+
+/// Loads the 32 quants of a Q8_0 block.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_qs(b: &BlockQ8_0) -> __m256i {
+    // SAFETY: `qs` is 32 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) }
+}
+
+/// `P` pairs of tokens (token `k` at block offset `tk[k]` into `x`; pair `p` is tokens `2p`
+/// and `2p + 1`) against one Q8_0 row; writes `out[k]` for `k < out.len()`.
+///
+/// Per 256-bit half this is `avx512::q8_0_q8_0`: `vpdpbusd(|w|, sign(x, w))` (here the sign
+/// is a masked negation, the same products), `d = dw * dx`, FMA into the accumulator of the
+/// block's parity, then `hsum(acc0 + acc1)`. (Fetching the eight tokens' scales with one
+/// `vpgatherdd` was tried: 20 % slower than the two scalar loads per pair.)
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+fn q8_0_pairs_512<const P: usize>(
+    w: &[BlockQ8_0],
+    x: &[BlockQ8_0],
+    tk: [usize; 8],
+    out: &mut [f32],
+) {
+    let nb = w.len();
+    let xs: [&[BlockQ8_0]; 8] = std::array::from_fn(|k| &x[tk[k]..tk[k] + nb]);
+    let zero = _mm512_setzero_si512();
+    // Lane l of a pair's scale vector takes token a's scale (l < 8) or token b's (l >= 8).
+    let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let mut acc = [[_mm512_setzero_ps(); 2]; P];
+    // One block into the accumulators of its parity: a macro so that the parity is a
+    // constant and the accumulators stay in registers (indexing with `i & 1` kept
+    // them on the stack, a store and a load on every FMA).
+    macro_rules! block {
+        ($i:expr, $par:literal) => {{
+            let i = $i;
+            let bw = &w[i];
+            let qw = _mm512_broadcast_i64x4(load_qs(bw));
+            let aw = _mm512_abs_epi8(qw);
+            let neg = _mm512_movepi8_mask(qw);
+            let dw = _mm512_set1_ps(f16_to_f32(bw.d));
+            for p in 0..P {
+                let (ba, bb) = (&xs[2 * p][i], &xs[2 * p + 1][i]);
+                let qx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_qs(ba)), load_qs(bb));
+                let sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);
+                let s32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                let hx = _mm_cvtsi32_si128(
+                    i32::from(ba.d.to_bits()) | (i32::from(bb.d.to_bits()) << 16),
+                );
+                let dx = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(hx)));
+                let d = _mm512_mul_ps(dw, dx);
+                acc[p][$par] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s32), acc[p][$par]);
+            }
+        }};
+    }
+    let mut i = 0;
+    while i + 1 < nb {
+        block!(i, 0);
+        block!(i + 1, 1);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, 0);
+    }
+    for p in 0..P {
+        let s = _mm512_add_ps(acc[p][0], acc[p][1]);
+        out[2 * p] = hsum_ps(_mm512_castps512_ps256(s));
+        if 2 * p + 1 < out.len() {
+            out[2 * p + 1] = hsum_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(s),
+            )));
+        }
+    }
+}
+
+/// AVX2 Q8_0 x Q8_0 for `out.len()` tokens (table `avx2`).
+pub(super) fn avx2_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f32]) {
+    let nb = w.len();
+    assert_eq!(
+        x.len(),
+        nb * out.len(),
+        "q8_0_q8_0_n: activation length mismatch"
+    );
+    let n = out.len();
+    let mut t = 0;
+    while t < n {
+        let take = (n - t).min(4);
+        let tok = |k: usize| (t + k.min(take - 1)) * nb;
+        // SAFETY: the CPU supports avx2, fma and f16c (see above); offsets within x.
+        unsafe {
+            q8_0_quad_256(
+                w,
+                x,
+                [tok(0), tok(1), tok(2), tok(3)],
+                &mut out[t..t + take],
+            );
+        }
+        t += take;
+    }
+}
+
+/// Four tokens (block offsets `tk`, repeated when fewer are real) against one Q8_0 row;
+/// writes `out[..out.len()]`. Per token this is `avx2::q8_0_q8_0` operation for operation.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_quad_256(w: &[BlockQ8_0], x: &[BlockQ8_0], tk: [usize; 4], out: &mut [f32]) {
+    let nb = w.len();
+    let xs: [&[BlockQ8_0]; 4] = std::array::from_fn(|p| &x[tk[p]..tk[p] + nb]);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    // One block into the accumulators of its parity: a macro so that the parity is a
+    // constant and the accumulators stay in registers (indexing with `i & 1` kept
+    // them on the stack, a store and a load on every FMA).
+    macro_rules! block {
+        ($i:expr, $par:literal) => {{
+            let i = $i;
+            let bw = &w[i];
+            let qw = load_qs(bw);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let dw = _mm_set1_ps(f16_to_f32(bw.d));
+            let bits = |p: usize| i64::from(xs[p][i].d.to_bits());
+            let hx = _mm_cvtsi64_si128(bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48);
+            let d4 = _mm256_castps128_ps256(_mm_mul_ps(dw, _mm_cvtph_ps(hx)));
+            for p in 0..4 {
+                let sx = _mm256_sign_epi8(load_qs(&xs[p][i]), qw);
+                let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                let d = _mm256_permutevar8x32_ps(d4, _mm256_set1_epi32(p as i32));
+                acc[p][$par] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[p][$par]);
+            }
+        }};
+    }
+    let mut i = 0;
+    while i + 1 < nb {
+        block!(i, 0);
+        block!(i + 1, 1);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, 0);
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = hsum_ps(_mm256_add_ps(acc[p][0], acc[p][1]));
+    }
+}
+
+/// AVX2 Q4_K x Q8_K for `out.len()` tokens (tables `avx2` and `avx512`).
+pub(super) fn avx2_q4k_q8k_n(w: &[BlockQ4K], x: &[BlockQ8K], out: &mut [f32]) {
+    let nb = w.len();
+    assert_eq!(
+        x.len(),
+        nb * out.len(),
+        "q4k_q8k_n: activation length mismatch"
+    );
+    let n = out.len();
+    let mut t = 0;
+    while t < n {
+        let take = (n - t).min(4);
+        let tok = |k: usize| (t + k.min(take - 1)) * nb;
+        // SAFETY: the CPU supports avx2, fma and f16c (see above); offsets within x.
+        unsafe {
+            q4k_quad_256(
+                w,
+                x,
+                [tok(0), tok(1), tok(2), tok(3)],
+                &mut out[t..t + take],
+            );
+        }
+        t += take;
+    }
+}
+
+/// Four tokens against one Q4_K row; per token this is `avx2::q4k_q8k` with the scale
+/// decoding and nibble unpacking shared.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_quad_256(w: &[BlockQ4K], x: &[BlockQ8K], tk: [usize; 4], out: &mut [f32]) {
+    let nb = w.len();
+    let xs: [&[BlockQ8K]; 4] = std::array::from_fn(|p| &x[tk[p]..tk[p] + nb]);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc_m = [_mm_setzero_ps(); 4];
+    for (i, bw) in w.iter().enumerate() {
+        let dwf = f16_to_f32(bw.d);
+        let dmf = f16_to_f32(bw.dmin);
+        let (sc, mn) = super::q4k_scales_mins(&bw.scales);
+        // SAFETY: `mn` is 8 bytes; unaligned load.
+        let mn16 = unsafe { _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast())) };
+        for p in 0..4 {
+            let bx = &xs[p][i];
+            let dmin = -bx.d * dmf;
+            // SAFETY: `bsums` is 16 i16 = 32 bytes; unaligned load.
+            let bs = unsafe { _mm256_loadu_si256(bx.bsums.as_ptr().cast()) };
+            let bs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bs),
+                _mm256_extracti128_si256::<1>(bs),
+            );
+            let prod = _mm_madd_epi16(mn16, bs);
+            acc_m[p] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[p]);
+        }
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for c in 0..4 {
+            // SAFETY: 32 * c + 32 <= 128 bytes of `qs`; unaligned load.
+            let q4 = unsafe { _mm256_loadu_si256(bw.qs.as_ptr().add(32 * c).cast()) };
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let sl = _mm256_set1_epi16(i16::from(sc[2 * c]));
+            let sh = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
+            for p in 0..4 {
+                let q8 = &xs[p][i].qs;
+                // SAFETY: 64 * c + 64 <= 256 bytes of `qs`; unaligned loads.
+                let (xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_si256(q8.as_ptr().add(64 * c).cast()),
+                        _mm256_loadu_si256(q8.as_ptr().add(64 * c + 32).cast()),
+                    )
+                };
+                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), sl);
+                let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), sh);
+                sumi[p] = _mm256_add_epi32(sumi[p], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for p in 0..4 {
+            let d = xs[p][i].d * dwf;
+            acc[p] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[p]), acc[p]);
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        let m = _mm_add_ps(acc_m[p], _mm_movehl_ps(acc_m[p], acc_m[p]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        *o = hsum_ps(acc[p]) + _mm_cvtss_f32(m);
+    }
+}
+
+/// AVX-512 F16 x f32 for `out.len()` tokens (table `avx512`).
+pub(super) fn avx512_f16_f32_n(w: &[half::f16], x: &[f32], out: &mut [f32]) {
+    let n = w.len();
+    assert_eq!(
+        x.len(),
+        n * out.len(),
+        "f16_f32_n: activation length mismatch"
+    );
+    let mut t = 0;
+    while t < out.len() {
+        let take = (out.len() - t).min(4);
+        let tok = |k: usize| (t + k.min(take - 1)) * n;
+        // SAFETY: the CPU supports the AVX-512 set (see above); offsets within x.
+        unsafe {
+            f16_quad_512(
+                w,
+                x,
+                [tok(0), tok(1), tok(2), tok(3)],
+                &mut out[t..t + take],
+            );
+        }
+        t += take;
+    }
+}
+
+/// Four tokens against one F16 row; per token this is `avx512::f16_f32` (four FMA chains
+/// over 64-value steps, `reduce_add((a0 + a1) + (a2 + a3))`, then the scalar tail), with
+/// each 16-value conversion of the weights shared.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+// `k` indexes both the chain and the 16-value offset, as in the single kernel.
+#[allow(clippy::needless_range_loop)]
+fn f16_quad_512(w: &[half::f16], x: &[f32], tk: [usize; 4], out: &mut [f32]) {
+    let n = w.len();
+    let n64 = n / 64 * 64;
+    let xs: [&[f32]; 4] = std::array::from_fn(|p| &x[tk[p]..tk[p] + n]);
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let pw = w.as_ptr().cast::<u16>();
+    for i in (0..n64).step_by(64) {
+        for k in 0..4 {
+            let o = i + 16 * k;
+            // SAFETY: o + 16 <= n64 <= n; unaligned load.
+            let wv = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(o).cast())) };
+            for p in 0..4 {
+                // SAFETY: o + 16 <= n = xs[p].len(); unaligned load.
+                let xv = unsafe { _mm512_loadu_ps(xs[p].as_ptr().add(o)) };
+                acc[p][k] = _mm512_fmadd_ps(wv, xv, acc[p][k]);
+            }
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        let a = &acc[p];
+        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        let mut sum = _mm512_reduce_add_ps(s);
+        for i in n64..n {
+            sum += f16_to_f32(w[i]) * xs[p][i];
+        }
+        *o = sum;
+    }
+}
