@@ -371,9 +371,18 @@ impl Gemv {
                             }
                         }
                     }
-                    m.apply_groups::<BlockQ8_0>(n_tok, gs, ys, |row, t0, tn, out| {
+                    // The groups' quants packed for the kernel, once per call.
+                    let packed: Vec<Vec<u8>> = (0..n_groups)
+                        .map(|gi| {
+                            let (t0, mut buf) = (gi * gs, Vec::new());
+                            let tn = (n_tok - t0).min(gs);
+                            simd::pack_q8_0_group(&x[t0 * nb..(t0 + tn) * nb], nb, tn, &mut buf);
+                            buf
+                        })
+                        .collect();
+                    m.apply_groups::<BlockQ8_0>(n_tok, gs, ys, |row, t0, _tn, out| {
                         let xd = &xd[t0 / gs * per_group..][..per_group];
-                        g(row, &x[t0 * nb..(t0 + tn) * nb], xd, out);
+                        g(row, &packed[t0 / gs], xd, out);
                     })
                 }
                 _ => m.apply::<BlockQ8_0, _>(k.q8_0_q8_0, k.q8_0_q8_0_n, x, n_tok, ys),

@@ -53,69 +53,73 @@ pub(super) fn avx512_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f3
     }
 }
 
-/// AVX-512 VNNI Q8_0 x Q8_0 for up to 8 tokens with pre-converted scales (see
-/// [`super::DotQ8_0G`]; table `avx512`).
-pub(super) fn avx512_q8_0_q8_0_g(w: &[BlockQ8_0], x: &[BlockQ8_0], xd: &[f32], out: &mut [f32]) {
+/// AVX-512 VNNI Q8_0 x Q8_0 for up to 8 tokens packed by [`super::pack_q8_0_group`], with
+/// pre-converted scales (see [`super::DotQ8_0G`]; table `avx512`).
+pub(super) fn avx512_q8_0_q8_0_g(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out: &mut [f32]) {
     let nb = w.len();
     let n = out.len();
     assert!(n <= 8, "q8_0_q8_0_g: at most 8 tokens");
-    assert_eq!(x.len(), nb * n, "q8_0_q8_0_g: activation length mismatch");
+    assert_eq!(
+        xp.len(),
+        super::q8_0_group_packed_len(nb, n),
+        "q8_0_q8_0_g: packed activation length mismatch"
+    );
     assert_eq!(xd.len(), 8 * nb, "q8_0_q8_0_g: scale length mismatch");
     if n == 0 {
         return;
     }
-    let tk: [usize; 8] = std::array::from_fn(|k| k.min(n - 1) * nb);
-    // SAFETY: the CPU supports the AVX-512 VNNI set (see above); offsets within x, and xd
-    // holds 8 scales per block (checked above).
+    // SAFETY: the CPU supports the AVX-512 VNNI set (see above); xp holds P * 64 bytes per
+    // block and xd 8 scales per block (checked above).
     unsafe {
         match n.div_ceil(2) {
-            4 => q8_0_pairs_g_512::<4>(w, x, xd, tk, out),
-            3 => q8_0_pairs_g_512::<3>(w, x, xd, tk, out),
-            2 => q8_0_pairs_g_512::<2>(w, x, xd, tk, out),
-            _ => q8_0_pairs_g_512::<1>(w, x, xd, tk, out),
+            4 => q8_0_pairs_g_512::<4>(w, xp, xd, out),
+            3 => q8_0_pairs_g_512::<3>(w, xp, xd, out),
+            2 => q8_0_pairs_g_512::<2>(w, xp, xd, out),
+            _ => q8_0_pairs_g_512::<1>(w, xp, xd, out),
         }
     }
 }
 
-/// [`q8_0_pairs_512`] with the tokens' scales read from `xd` (8 per block): `d = dw * dx`
-/// for the 8 tokens in one multiply, then one permute per pair.
+/// [`q8_0_pairs_512`] on activations packed by [`super::pack_q8_0_group`] (two tokens per
+/// 64 bytes, offset by 128) with the tokens' scales read from `xd` (8 per block).
+///
+/// The integer lanes are the single kernel's: it computes `Σ |w|·sign(x, w)` per group of 4
+/// bytes, this computes `Σ (x + 128)·w - 128·Σ w` (the correction is `vpdpbusd`'s
+/// accumulator input, computed once per weight block), both equal to `Σ w·x` exactly. The
+/// f32 part is the single kernel's, lane for lane: `d = dw * dx`, FMA into the accumulator
+/// of the block's parity, then `hsum(acc0 + acc1)`. Per token pair and block that is one
+/// `vpdpbusd` with a memory operand, one permute, one convert and one FMA.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
-fn q8_0_pairs_g_512<const P: usize>(
-    w: &[BlockQ8_0],
-    x: &[BlockQ8_0],
-    xd: &[f32],
-    tk: [usize; 8],
-    out: &mut [f32],
-) {
+fn q8_0_pairs_g_512<const P: usize>(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out: &mut [f32]) {
     let nb = w.len();
-    let xs: [&[BlockQ8_0]; 8] = std::array::from_fn(|k| &x[tk[k]..tk[k] + nb]);
     let xd = &xd[..8 * nb];
+    let xp = &xp[..nb * P * 64];
     let zero = _mm512_setzero_si512();
+    let bias = _mm512_set1_epi8(0x80u8 as i8);
     let idx: [__m512i; P] = std::array::from_fn(|p| {
         let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
         _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
     });
     let mut acc = [[_mm512_setzero_ps(); 2]; P];
     // One block into the accumulators of its parity: a macro so that the parity is a
-    // constant and the accumulators stay in registers (indexing with `i & 1` kept
-    // them on the stack, a store and a load on every FMA).
+    // constant and the accumulators stay in registers.
     macro_rules! block {
         ($i:expr, $par:literal) => {{
             let i = $i;
             let bw = &w[i];
             let qw = _mm512_broadcast_i64x4(load_qs(bw));
-            let aw = _mm512_abs_epi8(qw);
-            let neg = _mm512_movepi8_mask(qw);
+            // -128 * (sum of each lane's 4 weights), the offset the packed +128 adds.
+            let corr = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, qw));
             let dxs: &[f32; 8] = xd[8 * i..8 * i + 8].try_into().expect("8 scales");
             // SAFETY: 8 f32 = 32 bytes; unaligned load.
             let dx = unsafe { _mm256_loadu_ps(dxs.as_ptr()) };
             let d8 = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_set1_ps(f16_to_f32(bw.d)), dx));
+            let base = &xp[i * P * 64..(i + 1) * P * 64];
             for p in 0..P {
-                let (ba, bb) = (&xs[2 * p][i], &xs[2 * p + 1][i]);
-                let qx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_qs(ba)), load_qs(bb));
-                let sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);
-                let s32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                // SAFETY: base holds P * 64 bytes; loadu has no alignment requirement.
+                let qx = unsafe { _mm512_loadu_si512(base[p * 64..].as_ptr().cast()) };
+                let s32 = _mm512_dpbusd_epi32(corr, qx, qw);
                 let d = _mm512_permutexvar_ps(idx[p], d8);
                 acc[p][$par] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s32), acc[p][$par]);
             }
