@@ -85,7 +85,7 @@ pub fn quantize_q8k(xs: &[f32]) -> Result<Vec<BlockQ8K>> {
         });
     }
     let mut out = vec![BlockQ8K::zeroed(); xs.len() / QK_K];
-    crate::q8_k::quantize(xs, &mut out);
+    simd::quantize_q8k(xs, &mut out);
     Ok(out)
 }
 
@@ -104,7 +104,7 @@ pub fn quantize_q8_0(xs: &[f32]) -> Result<Vec<BlockQ8_0>> {
         });
     }
     let mut out = vec![BlockQ8_0::zeroed(); xs.len() / QK8_0];
-    crate::q8_0::quantize(xs, &mut out);
+    simd::quantize_q8_0(xs, &mut out);
     Ok(out)
 }
 
@@ -256,11 +256,11 @@ impl Gemv {
         let n_tok = n_tok(xs.len(), n_cols, 1)?;
         match activation_dtype(dtype) {
             Some(DType::Q8K) => {
-                let xq = quantize_rows(xs, n_tok, QK_K, crate::q8_k::quantize);
+                let xq = quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k);
                 self.run(dtype, w, n_rows, n_cols, Act::Q8K(&xq), ys)
             }
             Some(DType::Q8_0) => {
-                let xq = quantize_rows(xs, n_tok, QK8_0, crate::q8_0::quantize);
+                let xq = quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0);
                 self.run(dtype, w, n_rows, n_cols, Act::Q8_0(&xq), ys)
             }
             _ => self.run(dtype, w, n_rows, n_cols, Act::F32(xs), ys),

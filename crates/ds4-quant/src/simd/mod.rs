@@ -98,6 +98,8 @@ mod avx512_vbmi;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
+mod quant_x86;
+#[cfg(target_arch = "x86_64")]
 mod tiles_x86;
 
 /// An instruction set a kernel table is written for, from least to most capable.
@@ -221,6 +223,36 @@ pub type DotF32N = fn(w: &[f32], x: &[f32], out: &mut [f32]);
 /// weights directly) once per token group instead of once per weight row is what makes it
 /// faster than [`DotQ8_0N`].
 pub type DotQ8_0G = fn(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out: &mut [f32]);
+
+/// Q8_0 activation quantization with the fastest code this CPU has: the same bytes as
+/// [`crate::q8_0::quantize`] (AVX-512 when the active table is an AVX-512 one).
+///
+/// # Panics
+/// If `x.len() != 32 * out.len()`.
+pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    #[cfg(target_arch = "x86_64")]
+    if active_isa() >= Isa::Avx512Vnni {
+        // SAFETY: an AVX-512 table is only active when the CPU has avx512f and avx512bw.
+        unsafe { quant_x86::quantize_q8_0(x, out) };
+        return;
+    }
+    crate::q8_0::quantize(x, out)
+}
+
+/// Q8_K activation quantization with the fastest code this CPU has: the same bytes as
+/// [`crate::q8_k::quantize`] (AVX-512 when the active table is an AVX-512 one).
+///
+/// # Panics
+/// If `x.len() != 256 * out.len()`.
+pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if active_isa() >= Isa::Avx512Vnni {
+        // SAFETY: an AVX-512 table is only active when the CPU has avx512f and avx512bw.
+        unsafe { quant_x86::quantize_q8k(x, out) };
+        return;
+    }
+    crate::q8_k::quantize(x, out)
+}
 
 /// Bytes [`pack_q8_0_group`] writes for `n` tokens (1..=8) of `nb` blocks each.
 pub fn q8_0_group_packed_len(nb: usize, n: usize) -> usize {
