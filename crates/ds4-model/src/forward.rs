@@ -76,29 +76,15 @@ impl Graph<'_> {
         let (d, m) = (self.cfg.n_embd, self.cfg.n_hc);
         let (mut x, mut post, mut comb) =
             (vec![0.0; n * d], vec![0.0; n * m], vec![0.0; n * m * m]);
-        for t in 0..n {
-            self.be.hc_pre(
-                p,
-                &hc[t * m * d..(t + 1) * m * d],
-                &mut x[t * d..(t + 1) * d],
-                &mut post[t * m..(t + 1) * m],
-                &mut comb[t * m * m..(t + 1) * m * m],
-            )?;
-        }
+        self.be
+            .hc_pre_batch(p, &hc[..n * m * d], n, &mut x, &mut post, &mut comb)?;
         Ok((x, post, comb))
     }
 
     fn hc_post_all(&self, hc: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], n: usize) {
         let (d, m) = (self.cfg.n_embd, self.cfg.n_hc);
-        for t in 0..n {
-            self.be.hc_post(
-                &mut hc[t * m * d..(t + 1) * m * d],
-                &o[t * d..(t + 1) * d],
-                &post[t * m..(t + 1) * m],
-                &comb[t * m * m..(t + 1) * m * m],
-                m,
-            );
-        }
+        self.be
+            .hc_post_batch(&mut hc[..n * m * d], &o[..n * d], post, comb, m, n);
     }
 
     /// Runs `tokens` at positions `pos0..` through all layers, updating `state`; returns the

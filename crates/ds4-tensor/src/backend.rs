@@ -134,6 +134,57 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// HC post for one token: `state[j] = post[j] * o + sum_i comb[i][j] * old_state[i]`.
     fn hc_post(&self, state: &mut [f32], o: &[f32], post: &[f32], comb: &[f32], n_hc: usize);
 
+    /// [`Backend::hc_pre`] for `n` tokens: `states` `[n, nhc, d]`, `x` `[n, d]`, `post`
+    /// `[n, nhc]`, `comb` `[n, nhc, nhc]`; each token computed exactly as by `hc_pre`. The
+    /// provided body loops over the tokens; a backend overrides it to run them in parallel.
+    fn hc_pre_batch(
+        &self,
+        p: &HcParams<'_>,
+        states: &[f32],
+        n: usize,
+        x: &mut [f32],
+        post: &mut [f32],
+        comb: &mut [f32],
+    ) -> BackendResult<()> {
+        let m = p.n_hc;
+        let d = x.len() / n.max(1);
+        for t in 0..n {
+            self.hc_pre(
+                p,
+                &states[t * m * d..(t + 1) * m * d],
+                &mut x[t * d..(t + 1) * d],
+                &mut post[t * m..(t + 1) * m],
+                &mut comb[t * m * m..(t + 1) * m * m],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`Backend::hc_post`] for `n` tokens: `states` `[n, nhc, d]`, `o` `[n, d]`, `post`
+    /// `[n, nhc]`, `comb` `[n, nhc, nhc]`; each token computed exactly as by `hc_post`. The
+    /// provided body loops over the tokens; a backend overrides it to run them in parallel.
+    fn hc_post_batch(
+        &self,
+        states: &mut [f32],
+        o: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        n_hc: usize,
+        n: usize,
+    ) {
+        let m = n_hc;
+        let d = o.len() / n.max(1);
+        for t in 0..n {
+            self.hc_post(
+                &mut states[t * m * d..(t + 1) * m * d],
+                &o[t * d..(t + 1) * d],
+                &post[t * m..(t + 1) * m],
+                &comb[t * m * m..(t + 1) * m * m],
+                m,
+            );
+        }
+    }
+
     /// Attention of one query (`[n_head, head_dim]`) over shared K=V rows with per-head sink
     /// logits: `out_h = sum_u softmax_u(q_h . k_u * scale ; sink_h) k_u`.
     fn attention(&self, q: &[f32], rows: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]);
