@@ -8,7 +8,8 @@
 #   DS4        ds4 binary [$CARGO_TARGET_DIR/release/ds4, built with `cargo build --release -p ds4`]
 #   LCPP_BUILD llama.cpp CMake build dir holding bin/libllama.so [/work/targets/oracle/lcpp-build]
 #   LCPP_SRC   llama.cpp source (include/llama.h) [/work/targets/oracle/llama_cpp_python-0.3.36/vendor/llama.cpp]
-#   OUT        results CSV [benches/results/$(hostname)-model.csv]
+#   OUT        results CSV, appended to [benches/results/$(hostname)-model.csv]
+#   BATCH      batch id written in column 1 [next number@HH:MMZ]
 #
 # Without MODEL it writes (once) a synthetic model with `ds4 bench --gen-synthetic` (PRESET, the
 # default 1024-hidden / 8-layer / 64-expert shape; ~3 min on 2 cores, most of it IQ2_XXS
@@ -56,19 +57,25 @@ fi
 
 echo "# $(date -u +%FT%TZ) $(hostname) threads=$THREADS model=$MODEL"
 echo "# load before: $(uptime)"
-echo "run,engine,model,threads,ctx,prefill_s,prefill_tps,gen,decode_s,decode_tps" > "$OUT"
+# OUT keeps every batch ever run (column `batch`, default `<n>@<HH:MM>Z`); the summary
+# below is computed from this batch only.
+if [ ! -s "$OUT" ]; then
+  echo "batch,run,engine,model,threads,ctx,prefill_s,prefill_tps,gen,decode_s,decode_tps" > "$OUT"
+fi
+BATCH=${BATCH:-$(( $(tail -n +2 "$OUT" | cut -d, -f1 | cut -d@ -f1 | sort -n | tail -1) + 1 ))@$(date -u +%H:%MZ)}
+echo "# batch $BATCH -> $OUT"
 for r in $(seq 1 "$REPEATS"); do
   "$DS4" bench -m "$MODEL" --ctx-list "$CTX_LIST" --gen "$GEN" --threads "$THREADS" \
       --no-qat-sim --csv "$WORK/ours.csv"
   "$LB" "$MODEL" "$CTX_LIST" "$GEN" "$THREADS" "$WORK/lcpp.csv" 2> "$WORK/lcpp.log"
-  tail -n +2 "$WORK/ours.csv" | sed "s/^/$r,/" >> "$OUT"
-  tail -n +2 "$WORK/lcpp.csv" | sed "s/^/$r,/" >> "$OUT"
+  tail -n +2 "$WORK/ours.csv" | sed "s/^/$BATCH,$r,/" >> "$OUT"
+  tail -n +2 "$WORK/lcpp.csv" | sed "s/^/$BATCH,$r,/" >> "$OUT"
 done
 echo "# load after: $(uptime)"
 
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" "$BATCH" <<'EOF'
 import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["batch"] == sys.argv[2]]
 med = {}
 for key in sorted({(r["engine"], int(r["ctx"])) for r in rows}):
     sel = [r for r in rows if (r["engine"], int(r["ctx"])) == key]
