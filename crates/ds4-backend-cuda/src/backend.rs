@@ -905,22 +905,8 @@ impl Backend for CudaBackend {
 
     fn get_row(&self, w: &HostTensor, row: usize, out: &mut [f32]) -> BackendResult<()> {
         self.check_sticky()?;
-        // One row per token: dequantized on the host from the mapped bytes, bit-identical
-        // to the CPU backend.
-        let rb = w.row_bytes();
-        let n_rows = w.data().len() / rb.max(1);
-        if row >= n_rows || out.len() != w.shape.ne(0) as usize {
-            return Err(BackendError::Shape {
-                name: w.name.clone(),
-                what: format!("row {row} of {n_rows}"),
-            });
-        }
-        ds4_quant::row::dequantize(w.dtype, &w.data()[row * rb..(row + 1) * rb], out).map_err(|e| {
-            BackendError::Shape {
-                name: w.name.clone(),
-                what: e.to_string(),
-            }
-        })
+        // Dequantized on the host from the mapped bytes, bit-identical to the CPU backend.
+        ds4_quant::row::tensor_row(w, row, out)
     }
 
     fn rms_norm(&self, x: &mut [f32], n: usize, w: Option<&[f32]>, eps: f32) {

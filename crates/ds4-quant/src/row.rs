@@ -41,6 +41,31 @@ fn for_blocks<B: Pod>(bytes: &[u8], out: &mut [f32], elems: usize, f: fn(&[B], &
     }
 }
 
+/// Row `row` of a weight tensor (e.g. an embedding lookup) decoded into `out` (`ne0`
+/// values): the body of every backend's `Backend::get_row`, which reads the row straight
+/// from the mapped bytes on the host.
+///
+/// # Errors
+/// [`ds4_tensor::backend::BackendError::Shape`] naming the tensor for a row out of range,
+/// an `out` of the wrong length, or bytes the decoder refuses.
+pub fn tensor_row(
+    w: &ds4_tensor::HostTensor,
+    row: usize,
+    out: &mut [f32],
+) -> std::result::Result<(), ds4_tensor::backend::BackendError> {
+    let shape_err = |what: String| ds4_tensor::backend::BackendError::Shape {
+        name: w.name.clone(),
+        what,
+    };
+    let rb = w.row_bytes();
+    let n_rows = w.data().len() / rb.max(1);
+    if row >= n_rows || out.len() != w.shape.ne(0) as usize {
+        return Err(shape_err(format!("row {row} of {n_rows}")));
+    }
+    dequantize(w.dtype, &w.data()[row * rb..(row + 1) * rb], out)
+        .map_err(|e| shape_err(e.to_string()))
+}
+
 /// Decodes `bytes` of type `dtype` into `out` (one f32 per element; I32 values are
 /// converted to f32).
 ///

@@ -221,26 +221,39 @@ fn q8_0_pairs_512<const P: usize>(
 
 /// AVX2 Q8_0 x Q8_0 for `out.len()` tokens (table `avx2`).
 pub(super) fn avx2_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f32]) {
+    // SAFETY: the CPU supports avx2, fma and f16c (see above).
+    unsafe { by_quads(w, x, out, "q8_0_q8_0_n", q8_0_quad_256) }
+}
+
+/// A kernel of four tokens (block offsets into `x`) against one weight row.
+type QuadKernel<B, X> = unsafe fn(&[B], &[X], [usize; 4], &mut [f32]);
+
+/// Runs a four-token kernel over `out.len()` tokens (`x` holds them one after another),
+/// four at a time; a short last quad repeats its last token (computed, not written).
+///
+/// # Safety
+/// The CPU must support the instruction sets `quad` is compiled for.
+unsafe fn by_quads<B, X>(w: &[B], x: &[X], out: &mut [f32], what: &str, quad: QuadKernel<B, X>) {
     let nb = w.len();
     assert_eq!(
         x.len(),
         nb * out.len(),
-        "q8_0_q8_0_n: activation length mismatch"
+        "{what}: activation length mismatch"
     );
     let n = out.len();
     let mut t = 0;
     while t < n {
         let take = (n - t).min(4);
         let tok = |k: usize| (t + k.min(take - 1)) * nb;
-        // SAFETY: the CPU supports avx2, fma and f16c (see above); offsets within x.
+        // SAFETY: the caller vouches for the CPU; every offset plus nb lies within x.
         unsafe {
-            q8_0_quad_256(
+            quad(
                 w,
                 x,
                 [tok(0), tok(1), tok(2), tok(3)],
                 &mut out[t..t + take],
-            );
-        }
+            )
+        };
         t += take;
     }
 }
@@ -291,28 +304,8 @@ fn q8_0_quad_256(w: &[BlockQ8_0], x: &[BlockQ8_0], tk: [usize; 4], out: &mut [f3
 
 /// AVX2 Q4_K x Q8_K for `out.len()` tokens (tables `avx2` and `avx512`).
 pub(super) fn avx2_q4k_q8k_n(w: &[BlockQ4K], x: &[BlockQ8K], out: &mut [f32]) {
-    let nb = w.len();
-    assert_eq!(
-        x.len(),
-        nb * out.len(),
-        "q4k_q8k_n: activation length mismatch"
-    );
-    let n = out.len();
-    let mut t = 0;
-    while t < n {
-        let take = (n - t).min(4);
-        let tok = |k: usize| (t + k.min(take - 1)) * nb;
-        // SAFETY: the CPU supports avx2, fma and f16c (see above); offsets within x.
-        unsafe {
-            q4k_quad_256(
-                w,
-                x,
-                [tok(0), tok(1), tok(2), tok(3)],
-                &mut out[t..t + take],
-            );
-        }
-        t += take;
-    }
+    // SAFETY: the CPU supports avx2, fma and f16c (see above).
+    unsafe { by_quads(w, x, out, "q4k_q8k_n", q4k_quad_256) }
 }
 
 /// Four tokens against one Q4_K row; per token this is `avx2::q4k_q8k` with the scale
