@@ -33,9 +33,9 @@
 //!   [`generate_observed`] with a hook after each generated token is fed;
 //! - [`Event`], [`FinishReason`], [`Usage`], [`Timings`], [`Outcome`].
 //!
-//! The session keeps every generated token except EOS (never fed) and, when a stop
-//! string or a closed tool block ended generation, the token that ended it; a following
-//! turn whose prompt extends the transcript reuses the session automatically.
+//! The session is fed every generated token except EOS (never fed) and the token that
+//! completed a stop string or closed a tool block (the next turn's prompt supplies it), so
+//! a following turn whose prompt extends the transcript reuses the session automatically.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
