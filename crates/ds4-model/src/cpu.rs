@@ -492,13 +492,7 @@ impl Backend for CpuBackend {
         };
         let outs: Vec<BackendResult<Vec<f32>>> = active.par_iter().map(expert).collect();
         for (&(_, route), ye) in active.iter().zip(outs) {
-            let ye = ye?;
-            for (i, &(t, _)) in route.iter().enumerate() {
-                y[t * d..(t + 1) * d]
-                    .iter_mut()
-                    .zip(&ye[i * d..(i + 1) * d])
-                    .for_each(|(a, b)| *a += b);
-            }
+            ds4_tensor::backend::add_expert_rows(y, &ye?, route, d);
         }
         Ok(())
     }

@@ -251,16 +251,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let d = gate_exps.shape.ne(0) as usize;
         for (e, route) in routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let ye = self.moe_expert(gate_exps, up_exps, down_exps, e, route, clamp, x)?;
-            for (i, &(t, _)) in route.iter().enumerate() {
-                y[t * d..(t + 1) * d]
-                    .iter_mut()
-                    .zip(&ye[i * d..(i + 1) * d])
-                    .for_each(|(a, b)| *a += b);
-            }
+            add_expert_rows(y, &ye, route, d);
         }
         Ok(())
     }
 
     /// `gate <- silu(min(gate, c)) * clamp(up, -c, c) * weight` (no clamp when `c <= 1e-6`).
     fn swiglu(&self, gate: &mut [f32], up: &[f32], clamp: f32, weight: f32);
+}
+
+/// Adds one expert's output rows into the chunk's MoE output: row `i` of `ye` (`[route.len(),
+/// d]`, as [`Backend::moe_expert`] returns it) into row `route[i].0` of `y` (`[n, d]`), in
+/// route order. Every `moe_routed` body calls this once per expert in ascending expert order,
+/// so each token's sum has the same order on every backend and chunking.
+pub fn add_expert_rows(y: &mut [f32], ye: &[f32], route: &[(usize, f32)], d: usize) {
+    for (i, &(t, _)) in route.iter().enumerate() {
+        y[t * d..(t + 1) * d]
+            .iter_mut()
+            .zip(&ye[i * d..(i + 1) * d])
+            .for_each(|(a, b)| *a += b);
+    }
 }
