@@ -354,35 +354,22 @@ impl Gemv {
             }
             (DType::Q8_0, Act::Q8_0(x)) => match k.q8_0_q8_0_g {
                 Some(g) if n_tok > 1 => {
-                    // The tokens' scales as f32, once per call: [group][block][8 lanes],
-                    // lanes past a short last group repeating its last token.
+                    // Each token group's quants packed and scales converted once per call
+                    // (lanes past a short last group repeat its last token).
                     let nb = n_cols / QK8_0;
-                    let gs = group_size(n_cols / QK8_0 * size_of::<BlockQ8_0>());
-                    let n_groups = n_tok.div_ceil(gs);
-                    // 8 lanes per block whatever the group size (the kernel's layout).
-                    let per_group = nb * 8;
-                    let mut xd = vec![0.0f32; n_groups * per_group];
-                    for (gi, xdg) in xd.chunks_exact_mut(per_group).enumerate() {
-                        let t0 = gi * gs;
-                        let last = (n_tok - t0).min(gs) - 1;
-                        for (i, lanes) in xdg.chunks_exact_mut(8).enumerate() {
-                            for (l, v) in lanes.iter_mut().enumerate() {
-                                *v = x[(t0 + l.min(last)) * nb + i].d.to_f32();
-                            }
-                        }
-                    }
-                    // The groups' quants packed for the kernel, once per call.
-                    let packed: Vec<Vec<u8>> = (0..n_groups)
+                    let gs = group_size(nb * size_of::<BlockQ8_0>());
+                    let groups: Vec<(Vec<u8>, Vec<f32>)> = (0..n_tok.div_ceil(gs))
                         .map(|gi| {
-                            let (t0, mut buf) = (gi * gs, Vec::new());
+                            let (t0, mut packed, mut scales) = (gi * gs, Vec::new(), Vec::new());
                             let tn = (n_tok - t0).min(gs);
-                            simd::pack_q8_0_group(&x[t0 * nb..(t0 + tn) * nb], nb, tn, &mut buf);
-                            buf
+                            let xg = &x[t0 * nb..(t0 + tn) * nb];
+                            simd::pack_q8_0_group(xg, nb, tn, &mut packed, &mut scales);
+                            (packed, scales)
                         })
                         .collect();
                     m.apply_groups::<BlockQ8_0>(n_tok, gs, ys, |row, t0, _tn, out| {
-                        let xd = &xd[t0 / gs * per_group..][..per_group];
-                        g(row, &packed[t0 / gs], xd, out);
+                        let (packed, scales) = &groups[t0 / gs];
+                        g(row, packed, scales, out);
                     })
                 }
                 _ => m.apply::<BlockQ8_0, _>(k.q8_0_q8_0, k.q8_0_q8_0_n, x, n_tok, ys),

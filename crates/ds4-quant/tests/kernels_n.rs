@@ -118,9 +118,10 @@ fn check_all(seed: u64, nb: usize, n: usize) {
                 .map(|j| xq8[(j % 8).min(n - 1) * nb8 + j / 8].d.to_f32())
                 .collect();
             let mut out = vec![f32::NAN; n];
-            let mut xp = Vec::new();
-            simd::pack_q8_0_group(&xq8[..n * nb8], nb8, n, &mut xp);
-            g(&wq8, &xp, &xd, &mut out);
+            let (mut xp, mut scales) = (Vec::new(), Vec::new());
+            simd::pack_q8_0_group(&xq8[..n * nb8], nb8, n, &mut xp, &mut scales);
+            assert_eq!(scales, xd, "pack_q8_0_group scales, {n} tokens");
+            g(&wq8, &xp, &scales, &mut out);
             for (t, &got) in out.iter().enumerate() {
                 let want = (k.q8_0_q8_0)(&wq8, &xq8[t * nb8..(t + 1) * nb8]);
                 assert_eq!(

@@ -215,10 +215,9 @@ pub type DotBf16N = fn(w: &[bf16], x: &[f32], out: &mut [f32]);
 /// f32 weight row x `out.len()` f32 activation rows.
 pub type DotF32N = fn(w: &[f32], x: &[f32], out: &mut [f32]);
 /// Q8_0 weight row x up to 8 Q8_0 activation rows (`out.len()` of them) that the caller has
-/// packed once per token group with [`pack_q8_0_group`] (`xp`), and whose block scales it
-/// has already converted: `xd[8 * i + t]` is the f32 value of token `t`'s scale in block `i`
-/// (`xd.len() == 8 * w.len()`; lanes `t >= out.len()` must hold a copy of a real token's
-/// scale). Same bits as the table's single dot; doing the activation work (scale conversion,
+/// packed once per token group with [`pack_q8_0_group`] (`xp`, and the f32 block scales
+/// `xd`: `xd[8 * i + t]` is token `t`'s scale in block `i`, `xd.len() == 8 * w.len()`). Same
+/// bits as the table's single dot; doing the activation work (scale conversion,
 /// pairing two tokens per 512-bit vector, the `+128` offset that lets `vpdpbusd` take signed
 /// weights directly) once per token group instead of once per weight row is what makes it
 /// faster than [`DotQ8_0N`].
@@ -260,15 +259,22 @@ pub fn q8_0_group_packed_len(nb: usize, n: usize) -> usize {
 }
 
 /// Packs `n` tokens (1..=8) of `nb` Q8_0 blocks each (`x: [n, nb]`) for a [`DotQ8_0G`]
-/// kernel: for block `i` and token pair `p`, 64 bytes at `(i * P + p) * 64` (`P = n / 2`
-/// rounded up) hold the 32 quants of token `2p` then those of token `2p + 1` (the last token
-/// again when `n` is odd), each offset by 128 (`q ^ 0x80`, i.e. `q + 128` as an unsigned
-/// byte), so the kernel can use them as `vpdpbusd`'s unsigned operand. `out` is resized to
-/// [`q8_0_group_packed_len`].
+/// kernel. `packed` gets, for block `i` and token pair `p`, 64 bytes at `(i * P + p) * 64`
+/// (`P = n / 2` rounded up): the 32 quants of token `2p` then those of token `2p + 1` (the
+/// last token again when `n` is odd), each offset by 128 (`q ^ 0x80`, i.e. `q + 128` as an
+/// unsigned byte), so the kernel can use them as `vpdpbusd`'s unsigned operand; its length is
+/// [`q8_0_group_packed_len`]. `scales` gets `8 * nb` values: `scales[8 * i + t]` is token
+/// `t`'s block-`i` scale as f32, lanes `t >= n` repeating the last token's.
 ///
 /// # Panics
 /// If `n` is not in 1..=8 or `x.len() != n * nb`.
-pub fn pack_q8_0_group(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<u8>) {
+pub fn pack_q8_0_group(
+    x: &[BlockQ8_0],
+    nb: usize,
+    n: usize,
+    packed: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+) {
     assert!((1..=8).contains(&n), "pack_q8_0_group: 1..=8 tokens");
     assert_eq!(
         x.len(),
@@ -276,9 +282,9 @@ pub fn pack_q8_0_group(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<u8>) 
         "pack_q8_0_group: activation length mismatch"
     );
     let pairs = n.div_ceil(2);
-    out.clear();
-    out.resize(q8_0_group_packed_len(nb, n), 0);
-    for (i, dst) in out.chunks_exact_mut(pairs * 64).enumerate() {
+    packed.clear();
+    packed.resize(q8_0_group_packed_len(nb, n), 0);
+    for (i, dst) in packed.chunks_exact_mut(pairs * 64).enumerate() {
         for (k, half) in dst.chunks_exact_mut(32).enumerate() {
             let src = &x[k.min(n - 1) * nb + i].qs;
             for (d, &q) in half.iter_mut().zip(src) {
@@ -286,6 +292,8 @@ pub fn pack_q8_0_group(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<u8>) 
             }
         }
     }
+    scales.clear();
+    scales.extend((0..8 * nb).map(|j| x[(j % 8).min(n - 1) * nb + j / 8].d.to_f32()));
 }
 
 /// One instruction set's dot kernels, as plain function pointers.

@@ -22,7 +22,9 @@ use crate::{BlockQ4K, BlockQ8_0, BlockQ8K};
 // The safe entry points below are only reachable through the kernel tables of `avx2` /
 // `avx512`, which `Kernels::for_isa` hands out only after run-time feature detection.
 
-/// AVX-512 VNNI Q8_0 x Q8_0 for `out.len()` tokens (table `avx512`).
+/// AVX-512 VNNI Q8_0 x Q8_0 for `out.len()` tokens (table `avx512`): the group kernel on
+/// groups of up to 8 tokens, packed here. `gemv` calls the group kernel directly and packs
+/// once per call instead of once per row; this entry serves callers of the `_n` contract.
 pub(super) fn avx512_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f32]) {
     let nb = w.len();
     assert_eq!(
@@ -30,26 +32,11 @@ pub(super) fn avx512_q8_0_q8_0_n(w: &[BlockQ8_0], x: &[BlockQ8_0], out: &mut [f3
         nb * out.len(),
         "q8_0_q8_0_n: activation length mismatch"
     );
-    let n = out.len();
-    let mut t = 0;
-    while t < n {
-        let left = n - t;
-        // Up to 4 pairs of tokens per pass; an odd last token is paired with itself.
-        let pairs = left.div_ceil(2).min(4);
-        let take = left.min(2 * pairs);
-        let tk: [usize; 8] = std::array::from_fn(|k| (t + k.min(take - 1)) * nb);
-        let o = &mut out[t..t + take];
-        // SAFETY: the CPU supports the AVX-512 VNNI set (see above); every token offset
-        // plus nb lies within x (checked length).
-        unsafe {
-            match pairs {
-                4 => q8_0_pairs_512::<4>(w, x, tk, o),
-                3 => q8_0_pairs_512::<3>(w, x, tk, o),
-                2 => q8_0_pairs_512::<2>(w, x, tk, o),
-                _ => q8_0_pairs_512::<1>(w, x, tk, o),
-            }
-        }
-        t += take;
+    let (mut packed, mut scales) = (Vec::new(), Vec::new());
+    for (g, o) in out.chunks_mut(8).enumerate() {
+        let xg = &x[8 * g * nb..(8 * g + o.len()) * nb];
+        super::pack_q8_0_group(xg, nb, o.len(), &mut packed, &mut scales);
+        avx512_q8_0_q8_0_g(w, &packed, &scales, o);
     }
 }
 
@@ -80,8 +67,10 @@ pub(super) fn avx512_q8_0_q8_0_g(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out: &m
     }
 }
 
-/// [`q8_0_pairs_512`] on activations packed by [`super::pack_q8_0_group`] (two tokens per
-/// 64 bytes, offset by 128) with the tokens' scales read from `xd` (8 per block).
+/// `P` pairs of tokens (pair `p` is tokens `2p` and `2p + 1`), packed by
+/// [`super::pack_q8_0_group`] (two tokens per 64 bytes, offset by 128) with the tokens'
+/// scales read from `xd` (8 per block), against one Q8_0 row; writes `out[k]` for
+/// `k < out.len()`. Per 256-bit half this is `avx512::q8_0_q8_0`.
 ///
 /// The integer lanes are the single kernel's: it computes `Σ |w|·sign(x, w)` per group of 4
 /// bytes, this computes `Σ (x + 128)·w - 128·Σ w` (the correction is `vpdpbusd`'s
@@ -151,72 +140,6 @@ fn q8_0_pairs_g_512<const P: usize>(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out:
 fn load_qs(b: &BlockQ8_0) -> __m256i {
     // SAFETY: `qs` is 32 readable bytes; loadu has no alignment requirement.
     unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) }
-}
-
-/// `P` pairs of tokens (token `k` at block offset `tk[k]` into `x`; pair `p` is tokens `2p`
-/// and `2p + 1`) against one Q8_0 row; writes `out[k]` for `k < out.len()`.
-///
-/// Per 256-bit half this is `avx512::q8_0_q8_0`: `vpdpbusd(|w|, sign(x, w))` (here the sign
-/// is a masked negation, the same products), `d = dw * dx`, FMA into the accumulator of the
-/// block's parity, then `hsum(acc0 + acc1)`. (Fetching the eight tokens' scales with one
-/// `vpgatherdd` was tried: 20 % slower than the two scalar loads per pair.)
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
-fn q8_0_pairs_512<const P: usize>(
-    w: &[BlockQ8_0],
-    x: &[BlockQ8_0],
-    tk: [usize; 8],
-    out: &mut [f32],
-) {
-    let nb = w.len();
-    let xs: [&[BlockQ8_0]; 8] = std::array::from_fn(|k| &x[tk[k]..tk[k] + nb]);
-    let zero = _mm512_setzero_si512();
-    // Lane l of a pair's scale vector takes token a's scale (l < 8) or token b's (l >= 8).
-    let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    let mut acc = [[_mm512_setzero_ps(); 2]; P];
-    // One block into the accumulators of its parity: a macro so that the parity is a
-    // constant and the accumulators stay in registers (indexing with `i & 1` kept
-    // them on the stack, a store and a load on every FMA).
-    macro_rules! block {
-        ($i:expr, $par:literal) => {{
-            let i = $i;
-            let bw = &w[i];
-            let qw = _mm512_broadcast_i64x4(load_qs(bw));
-            let aw = _mm512_abs_epi8(qw);
-            let neg = _mm512_movepi8_mask(qw);
-            let dw = _mm512_set1_ps(f16_to_f32(bw.d));
-            for p in 0..P {
-                let (ba, bb) = (&xs[2 * p][i], &xs[2 * p + 1][i]);
-                let qx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load_qs(ba)), load_qs(bb));
-                let sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);
-                let s32 = _mm512_dpbusd_epi32(zero, aw, sx);
-                let hx = _mm_cvtsi32_si128(
-                    i32::from(ba.d.to_bits()) | (i32::from(bb.d.to_bits()) << 16),
-                );
-                let dx = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(hx)));
-                let d = _mm512_mul_ps(dw, dx);
-                acc[p][$par] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s32), acc[p][$par]);
-            }
-        }};
-    }
-    let mut i = 0;
-    while i + 1 < nb {
-        block!(i, 0);
-        block!(i + 1, 1);
-        i += 2;
-    }
-    if i < nb {
-        block!(i, 0);
-    }
-    for p in 0..P {
-        let s = _mm512_add_ps(acc[p][0], acc[p][1]);
-        out[2 * p] = hsum_ps(_mm512_castps512_ps256(s));
-        if 2 * p + 1 < out.len() {
-            out[2 * p + 1] = hsum_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                _mm512_castps_pd(s),
-            )));
-        }
-    }
 }
 
 /// AVX2 Q8_0 x Q8_0 for `out.len()` tokens (table `avx2`).
