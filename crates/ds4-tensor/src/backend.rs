@@ -189,6 +189,54 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// logits: `out_h = sum_u softmax_u(q_h . k_u * scale ; sink_h) k_u`.
     fn attention(&self, q: &[f32], rows: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]);
 
+    /// [`Backend::rope_tail`] for the `n_tok` consecutive tokens of a chunk: token `t` is the
+    /// `x[t * tok_width..(t + 1) * tok_width]` slice (rows of `n` values) at position
+    /// `pos0 + t`. Each token is rotated exactly as by `rope_tail`; the provided body loops
+    /// over the tokens, a backend overrides it to run them in parallel.
+    fn rope_tail_tokens(
+        &self,
+        x: &mut [f32],
+        n_tok: usize,
+        n: usize,
+        freqs: &[f32],
+        pos0: usize,
+        inverse: bool,
+    ) {
+        let tok_width = x.len() / n_tok.max(1);
+        for (t, xt) in x.chunks_mut(tok_width.max(1)).take(n_tok).enumerate() {
+            self.rope_tail(xt, n, freqs, (pos0 + t) as u32, inverse);
+        }
+    }
+
+    /// [`Backend::attention`] for the `n_tok` queries of a chunk: `q` and `out` are
+    /// `[n_tok, n_head, head_dim]`, and `rows_of(t, rows)` appends the visible rows of query
+    /// `t` to the empty `rows`. Every query is computed exactly as by `attention`, so the
+    /// result does not depend on how a chunk is split. The provided body loops over the
+    /// queries; a backend overrides it to run them in parallel.
+    fn attention_tokens<'r>(
+        &self,
+        q: &[f32],
+        n_tok: usize,
+        rows_of: &(dyn Fn(usize, &mut Vec<&'r [f32]>) + Sync),
+        sinks: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let width = q.len() / n_tok.max(1);
+        let mut rows = Vec::new();
+        for t in 0..n_tok {
+            rows.clear();
+            rows_of(t, &mut rows);
+            self.attention(
+                &q[t * width..(t + 1) * width],
+                &rows,
+                sinks,
+                scale,
+                &mut out[t * width..(t + 1) * width],
+            );
+        }
+    }
+
     /// Lightning-indexer scores of one query over compressed indexer rows (MODEL.md s3.8):
     /// `scores[b] = sum_h weights[h] * relu(q_h . rows[b])`, `q` `[n_head, head_dim]`,
     /// `weights` `[n_head]` (scale already folded in), `rows` `[n_rows, head_dim]`.
