@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ds4_model::chat::{self, ChatMessage, ChatOptions, Prompt, Role, ThinkingMode};
+use ds4_model::chat::{ChatMessage, Prompt, Role};
 use ds4_model::dsml::ToolCall;
 use ds4_model::generate::{Event, FinishReason, GenOptions};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 
 use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
-use crate::openai::{apply_tool_choice, body_bytes, content_text, forced_tools, parse_json};
+use crate::openai::{
+    ChatParts, apply_tool_choice, body_bytes, content_text, parse_json, plan_chat,
+};
 use crate::request::{
     self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present,
 };
@@ -321,39 +323,29 @@ fn build(state: &AppState, req: MessagesRequest) -> Result<Job, ApiError> {
         msgs.push(ChatMessage::new(Role::System, s));
     }
     msgs.extend(convert_messages(state, messages)?);
-    let n_ctx = state.engine().map_or(0, |e| e.info().n_ctx);
-    let copts = ChatOptions {
-        thinking: mode,
-        ctx_size: n_ctx,
-        tools: tools.iter().map(|(_, t)| t.clone()).collect(),
-        ..ChatOptions::default()
-    };
-    let prompt = chat::render(&msgs, &copts);
-    let effective = copts.effective_thinking();
-    let sampling = request::sampling(
-        &SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: None,
-            seed: None,
+    let (prompt, opts) = plan_chat(
+        state,
+        ChatParts {
+            msgs: &msgs,
+            mode,
+            tools: &tools,
+            choice: &choice,
+            response_format: None,
+            sampling: SamplingFields {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                top_k: req.top_k,
+                ..SamplingFields::default()
+            },
+            stop: req
+                .stop_sequences
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
         },
-        effective,
-    )
-    .map_err(|(m, _)| ApiError::bad_request(F, m))?;
-    let opts = GenOptions {
-        sampling,
-        stop: req
-            .stop_sequences
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect(),
-        thinking: effective != ThinkingMode::None,
-        tools: !tools.is_empty(),
-        force_tool_call: forced_tools(&tools, &choice),
-        ..GenOptions::default()
-    };
+        F,
+    )?;
     Ok(Job {
         model,
         prompt,

@@ -338,6 +338,57 @@ pub fn forced_tools(tools: &[(String, String)], choice: &Choice) -> Vec<ForcedTo
         .collect()
 }
 
+/// What a chat-style request says about the prompt and its generation, after each API's
+/// own parsing (input for [`plan_chat`]).
+#[derive(Debug)]
+pub struct ChatParts<'a> {
+    /// The conversation, system turn first.
+    pub msgs: &'a [ChatMessage],
+    /// The requested thinking mode (before the context-size rule of `ChatOptions`).
+    pub mode: ThinkingMode,
+    /// The declared tools, `(name, JSON)`, after [`apply_tool_choice`].
+    pub tools: &'a [(String, String)],
+    /// The `tool_choice`, after [`apply_tool_choice`].
+    pub choice: &'a Choice,
+    /// A JSON schema the answer must follow (OpenAI `response_format`), if any.
+    pub response_format: Option<String>,
+    /// Sampling fields as sent.
+    pub sampling: SamplingFields,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// The shared tail of every chat-style endpoint: renders the prompt with the tools at the
+/// engine's context size, validates the sampling fields under the effective thinking mode
+/// (400 naming the field), and builds the generation options (a mandatory `tool_choice`
+/// becomes [`GenOptions::force_tool_call`]).
+pub fn plan_chat(
+    state: &AppState,
+    parts: ChatParts<'_>,
+    flavor: Flavor,
+) -> Result<(Prompt, GenOptions), ApiError> {
+    let copts = ChatOptions {
+        thinking: parts.mode,
+        ctx_size: state.engine().map_or(0, |e| e.info().n_ctx),
+        tools: parts.tools.iter().map(|(_, t)| t.clone()).collect(),
+        response_format: parts.response_format,
+        ..ChatOptions::default()
+    };
+    let prompt = chat::render(parts.msgs, &copts);
+    let effective = copts.effective_thinking();
+    let sampling = request::sampling(&parts.sampling, effective)
+        .map_err(|(m, p)| ApiError::bad_request(flavor, m).param(p))?;
+    let opts = GenOptions {
+        sampling,
+        stop: parts.stop,
+        thinking: effective != ThinkingMode::None,
+        tools: !parts.tools.is_empty(),
+        force_tool_call: forced_tools(parts.tools, parts.choice),
+        ..GenOptions::default()
+    };
+    Ok((prompt, opts))
+}
+
 fn seed_value(v: Option<&Value>, flavor: Flavor) -> Result<Option<i64>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),
@@ -422,7 +473,6 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
         }
         msgs.push(cm);
     }
-    let n_ctx = state.engine().map_or(0, |e| e.info().n_ctx);
     let response_format = match &req.response_format {
         Some(rf) if rf.get("type").and_then(Value::as_str) == Some("json_schema") => rf
             .get("json_schema")
@@ -430,39 +480,30 @@ fn build_chat(state: &AppState, req: ChatRequest) -> Result<ChatJob, ApiError> {
             .map(Value::to_string),
         _ => None,
     };
-    let copts = ChatOptions {
-        thinking: mode,
-        ctx_size: n_ctx,
-        tools: tools.iter().map(|(_, t)| t.clone()).collect(),
-        response_format,
-        ..ChatOptions::default()
-    };
-    let prompt = chat::render(&msgs, &copts);
-    let effective = copts.effective_thinking();
-    let sampling = request::sampling(
-        &SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            seed: seed_value(req.seed.as_ref(), F)?,
+    let (prompt, opts) = plan_chat(
+        state,
+        ChatParts {
+            msgs: &msgs,
+            mode,
+            tools: &tools,
+            choice: &choice,
+            response_format,
+            sampling: SamplingFields {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                top_k: req.top_k,
+                min_p: req.min_p,
+                seed: seed_value(req.seed.as_ref(), F)?,
+            },
+            stop: req.stop.map(StopField::into_vec).unwrap_or_default(),
         },
-        effective,
-    )
-    .map_err(|(m, p)| ApiError::bad_request(F, m).param(p))?;
+        F,
+    )?;
     let max_tokens = request::max_tokens(
         req.max_completion_tokens.or(req.max_tokens),
         F,
         "max_tokens",
     )?;
-    let opts = GenOptions {
-        sampling,
-        stop: req.stop.map(StopField::into_vec).unwrap_or_default(),
-        thinking: effective != ThinkingMode::None,
-        tools: !tools.is_empty(),
-        force_tool_call: forced_tools(&tools, &choice),
-        ..GenOptions::default()
-    };
     Ok(ChatJob {
         model,
         prompt,

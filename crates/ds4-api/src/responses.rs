@@ -19,16 +19,18 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ds4_model::chat::{self, ChatMessage, ChatOptions, Role, ThinkingMode};
+use ds4_model::chat::{ChatMessage, Role};
 use ds4_model::dsml::ToolCall;
-use ds4_model::generate::{Event, FinishReason, GenOptions};
+use ds4_model::generate::{Event, FinishReason};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::engine::Generation;
 use crate::error::{ApiError, Flavor};
-use crate::openai::{apply_tool_choice, body_bytes, content_text, forced_tools, parse_json};
+use crate::openai::{
+    ChatParts, apply_tool_choice, body_bytes, content_text, parse_json, plan_chat,
+};
 use crate::request::{
     self, Projector, SERVED_MODEL_ID, SamplingFields, SseEvent, ThinkingControls, present,
 };
@@ -279,31 +281,23 @@ async fn inner(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
     if msgs.iter().all(|m| m.role == Role::System) {
         return Err(ApiError::bad_request(F, "input has no messages").param("input"));
     }
-    let n_ctx = state.engine().map_or(0, |e| e.info().n_ctx);
-    let copts = ChatOptions {
-        thinking: mode,
-        ctx_size: n_ctx,
-        tools: tools.iter().map(|(_, t)| t.clone()).collect(),
-        ..ChatOptions::default()
-    };
-    let prompt = chat::render(&msgs, &copts);
-    let effective = copts.effective_thinking();
-    let sampling = request::sampling(
-        &SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            ..SamplingFields::default()
+    let (prompt, opts) = plan_chat(
+        &state,
+        ChatParts {
+            msgs: &msgs,
+            mode,
+            tools: &tools,
+            choice: &choice,
+            response_format: None,
+            sampling: SamplingFields {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                ..SamplingFields::default()
+            },
+            stop: Vec::new(),
         },
-        effective,
-    )
-    .map_err(|(m, p)| ApiError::bad_request(F, m).param(p))?;
-    let opts = GenOptions {
-        sampling,
-        thinking: effective != ThinkingMode::None,
-        tools: !tools.is_empty(),
-        force_tool_call: forced_tools(&tools, &choice),
-        ..GenOptions::default()
-    };
+        F,
+    )?;
     let max = request::max_tokens(
         req.max_output_tokens.or(req.max_tokens),
         F,
