@@ -345,13 +345,13 @@ fn dot_in_cache(c: &mut Criterion) {
     }
 }
 
-/// The multi-token kernels of the 2-bit expert formats: one 4096-value row hot in L1
+/// The multi-token kernels of the 2-bit expert formats and Q4_K: one 4096-value row hot in L1
 /// against 8 tokens (`cpu_dot8_<format>/<isa>`). Throughput counts the weight bytes once
 /// per token (8x the row), so it compares directly with `cpu_dot_*`: the gain is what
 /// decoding a weight block once for 8 tokens buys in prefill.
 fn dot8_in_cache(c: &mut Criterion) {
     use ds4_quant::simd::{Kernels, supported};
-    use ds4_quant::{BlockIq2Xxs, BlockQ2K, BlockQ8K};
+    use ds4_quant::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K};
     const N: usize = 8;
     let shape = MatShape {
         name: "row",
@@ -360,7 +360,7 @@ fn dot8_in_cache(c: &mut Criterion) {
     };
     let x = random_activations(N * shape.n_cols, 3);
     let xk: Vec<BlockQ8K> = gemv::quantize_q8k(&x).expect("valid");
-    for dtype in [DType::Iq2Xxs, DType::Q2K] {
+    for dtype in [DType::Iq2Xxs, DType::Q2K, DType::Q4K] {
         let w = random_matrix(dtype, shape, 5);
         let mut group = c.benchmark_group(format!("cpu_dot8_{}", type_id(dtype)));
         group.throughput(Throughput::Bytes((N * w.len()) as u64));
@@ -373,6 +373,14 @@ fn dot8_in_cache(c: &mut Criterion) {
                     b.iter_custom(|n| {
                         best_of(n, 64, || {
                             (k.iq2xxs_q8k_n)(black_box(&w), black_box(&xk), &mut out);
+                            black_box(&out);
+                        })
+                    })
+                } else if dtype == DType::Q4K {
+                    let w: Vec<BlockQ4K> = bytemuck::pod_collect_to_vec(&w);
+                    b.iter_custom(|n| {
+                        best_of(n, 64, || {
+                            (k.q4k_q8k_n)(black_box(&w), black_box(&xk), &mut out);
                             black_box(&out);
                         })
                     })

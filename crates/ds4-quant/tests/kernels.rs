@@ -328,6 +328,56 @@ proptest! {
     fn multi_token_2bit_match_single(seed: u64, nb in 1usize..6) { check_multi_token_2bit(seed, nb); }
 }
 
+/// Multi-token Q4_K kernels of every table: each `out[t]` within the tolerance of the scalar
+/// reference for token `t`, and bit-identical to the same table's single-row dot, for token
+/// counts 1..=17 (the AVX-512 kernels run passes of up to 8 tokens and reduce 3..=8 tokens
+/// with shared shuffles, 1..=2 one by one; 17 covers two full passes and a single).
+fn check_multi_token_q4k(seed: u64, nb: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w = q4k_blocks(&mut rng, nb);
+    for n in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17] {
+        let x = q8k(&random_f32(&mut rng, n * nb * QK_K));
+        for k in tables() {
+            let mut out = vec![f32::NAN; n];
+            (k.q4k_q8k_n)(&w, &x, &mut out);
+            for (t, &o) in out.iter().enumerate() {
+                let xt = &x[t * nb..(t + 1) * nb];
+                let single = (k.q4k_q8k)(&w, xt);
+                assert_eq!(
+                    o.to_bits(),
+                    single.to_bits(),
+                    "Q4_K {:?} n={n} t={t}",
+                    k.isa
+                );
+                let mag = kquant_mag(
+                    &w,
+                    &deq_q8k(xt),
+                    |b, d, m| (b.d, b.dmin) = (d, m),
+                    |b| (b.d, b.dmin),
+                    ds4_quant::q4_k::dequantize,
+                );
+                let what = format!("Q4_K x Q8_K _n (n={n}, t={t})");
+                check_close(&what, k.isa, o, ds4_quant::q4_k::dot(&w, xt), mag);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 12,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct("proptest-regressions/kernels.txt"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn multi_token_q4k_match_scalar_and_single(seed: u64, nb in 1usize..6) {
+        check_multi_token_q4k(seed, nb);
+    }
+}
+
 /// Extreme quants: every weight byte at its maximum and the activations at ±127, where an
 /// i16 intermediate would saturate if a kernel got the bounds wrong.
 #[test]

@@ -112,10 +112,30 @@ pub(super) fn hsum_ps(v: __m256) -> f32 {
 
 /// One f16 to f32 with the F16C instruction (exact, like `half::f16::to_f32`, but without
 /// `half`'s per-call feature check).
+///
+/// Written in `asm!` on purpose. With the intrinsics (`_mm_cvtsi32_si128` or
+/// `_mm_set1_epi16` into `_mm_cvtph_ps`) LLVM sees that only lane 0 matters and loads the
+/// value with `vpinsrw xmm_t, xmm_any, [mem], 0`, merging into whatever register it likes,
+/// often a live accumulator: every block's scale then waits for the previous block's FMA, a
+/// loop-carried chain (on Zen 4 it halved the AVX-512 Q8_0 dot and cost the Q8_0 group
+/// kernel 6-23%, docs/BENCH.md). `vmovd` from a general register writes the whole register,
+/// so the conversion depends on nothing but `h`.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 pub(super) fn f16_to_f32(h: f16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+    let out: f32;
+    // SAFETY: two register-only instructions (AVX `vmovd`, F16C `vcvtph2ps`, both enabled
+    // here); no memory, stack or flags are touched.
+    unsafe {
+        std::arch::asm!(
+            "vmovd {t}, {b:e}",
+            "vcvtph2ps {t}, {t}",
+            b = in(reg) u32::from(h.to_bits()),
+            t = out(xmm_reg) out,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
 }
 
 /// Loads 32 bytes from a 32-byte array.

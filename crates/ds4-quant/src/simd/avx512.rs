@@ -9,8 +9,9 @@
 //! (about 1.25x the AVX2 kernel on Zen 4). Q8_0 uses `vpdpbusd` on 256-bit vectors.
 //!
 //! Kernels where the wider version did not measure faster on Zen 4 (one 4096-value row in
-//! L1, best of many runs) reuse the AVX2 ones: Q4_K (the 512-bit nibble joins cost more than
-//! the halved loop saves), BF16 and f32 (bandwidth-bound anyway). An `_mm512_i64gather_epi64`
+//! L1, best of many runs) reuse the AVX2 ones: BF16 and f32 (bandwidth-bound anyway). Q4_K
+//! (single row and multi-token) lives in [`super::q4k_avx512`] (`vpdpbusd` on the raw
+//! nibbles, sub-block scales applied to packed i16 sums). An `_mm512_i64gather_epi64`
 //! of the IQ2_XXS grid rows was tried and was ~1.8x slower than eight scalar loads.
 //!
 //! IQ2_XXS and Q2_K are written as multi-token kernels (`NT` tokens per weight pass, the
@@ -41,15 +42,14 @@ pub(super) static KERNELS: Kernels = Kernels {
     isa: Isa::Avx512Vnni,
     q8_0_q8_0: dot_q8_0_q8_0,
     q2k_q8k: dot_q2k_q8k,
-    // Measured faster than a 512-bit version on Zen 4 (see the module docs).
-    q4k_q8k: super::avx2::KERNELS.q4k_q8k,
+    q4k_q8k: super::q4k_avx512::dot_q4k_q8k,
     iq2xxs_q8k: dot_iq2xxs_q8k,
     f16_f32: dot_f16_f32,
     bf16_f32: super::avx2::KERNELS.bf16_f32,
     f32_f32: super::avx2::KERNELS.f32_f32,
     q8_0_q8_0_n: super::tiles_x86::avx512_q8_0_q8_0_n,
     q2k_q8k_n: dot_q2k_q8k_n,
-    q4k_q8k_n: super::avx2::KERNELS.q4k_q8k_n,
+    q4k_q8k_n: super::q4k_avx512::dot_q4k_q8k_n,
     iq2xxs_q8k_n: dot_iq2xxs_q8k_n,
     f16_f32_n: super::tiles_x86::avx512_f16_f32_n,
     bf16_f32_n: super::avx2::KERNELS.bf16_f32_n,
@@ -121,19 +121,42 @@ fn join(lo: __m256i, hi: __m256i) -> __m512i {
 // ---------------------------------------------------------------------------------------
 // Q8_0 x Q8_0 with vpdpbusd: |w| (u8) x sign(x, w) (i8), four products per i32 lane.
 
+/// Q8_0 dot of one row. Two accumulators, even and odd blocks; the loop takes blocks in
+/// pairs so that the parity is a constant and both stay in registers (indexed by `i & 1`
+/// they lived on the stack, a store-forward on every FMA), and the scales are converted from
+/// a general register (`vmovd`), not merged into a live register by `vpinsrw` (see
+/// [`f16_to_f32`]): 2x faster on Zen 4 (docs/BENCH.md). The f32 operations are unchanged,
+/// so the group kernel (`tiles_x86`) still gives the same bits per token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (bw, bx)) in w.iter().zip(x).enumerate() {
-        let qw = load256(&bw.qs, 0);
-        let qx = load256(&bx.qs, 0);
-        let s32 = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            _mm256_sign_epi8(qw, qw),
-            _mm256_sign_epi8(qx, qw),
-        );
-        let d = _mm256_set1_ps(f16_to_f32(bw.d) * f16_to_f32(bx.d));
-        acc[i & 1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[i & 1]);
+    let nb = w.len().min(x.len());
+    macro_rules! block {
+        ($i:expr, $par:literal) => {{
+            let (bw, bx) = (&w[$i], &x[$i]);
+            let qw = load256(&bw.qs, 0);
+            let qx = load256(&bx.qs, 0);
+            let s32 = _mm256_dpbusd_epi32(
+                _mm256_setzero_si256(),
+                _mm256_sign_epi8(qw, qw),
+                _mm256_sign_epi8(qx, qw),
+            );
+            // Both scales in one conversion (lanes 0 and 1), the same exact values and
+            // product as `f16_to_f32(bw.d) * f16_to_f32(bx.d)`, one instruction fewer.
+            let bits = i32::from(bw.d.to_bits()) | i32::from(bx.d.to_bits()) << 16;
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let d = _mm256_broadcastss_ps(_mm_mul_ss(dd, _mm_movehdup_ps(dd)));
+            acc[$par] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[$par]);
+        }};
+    }
+    let mut i = 0;
+    while i + 1 < nb {
+        block!(i, 0);
+        block!(i + 1, 1);
+        i += 2;
+    }
+    if i < nb {
+        block!(i, 0);
     }
     hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }

@@ -29,14 +29,21 @@
 //! 64-value runs by `vgf2p8affineqb` with a different bit-select matrix in each 256-bit half
 //! (one instruction per 64 weights, no shift/mask/join); sub-block scales spread by in-lane
 //! `vpshufb` from a broadcast of the 16 scale bytes (no `vpermw`, no widening) and applied
-//! with `vpdpwssd`; `d` and `dmin` converted by one `vcvtph2ps`; two independent
-//! accumulator chains per block.
+//! with `vpdpwssd`; `d` and `dmin` converted by one `vcvtph2ps`; two independent integer
+//! chains per block.
 //!
 //! The multi-token kernels decode each weight block once (everything above except the
 //! activation side) and apply it to up to 8 tokens; each token goes through exactly
 //! the same instruction sequence as in the single-row kernel (same partial sums, same
-//! accumulator alternation, same final reduction), so `out[t]` is bit-identical to the
-//! single-row dot of token `t`. Checked by `tests/kernels.rs`.
+//! f32 accumulation, same final reduction), so `out[t]` is bit-identical to the
+//! single-row dot of token `t`. Checked by `tests/kernels_n.rs`.
+//!
+//! One f32 accumulator per token (one pair for Q2_K: scales and mins), not two alternating
+//! ones: a block costs 20 (Q2_K) to 35 (IQ2_XXS) cycles on Zen 4, far more than the FMA
+//! latency, so a second chain hides nothing, and at 8 tokens its registers spilled (the
+//! 8-token kernels got ~5-14% faster without it). It also makes both kernels add the same
+//! exact i32 lanes in the same f32 order as the AVX-512 VNNI table's, so the two tables
+//! give the same bits (unit test `same_bits_as_the_vnni_table`).
 
 use std::arch::x86_64::*;
 
@@ -329,7 +336,7 @@ fn iq2_token(b: &Iq2Block, bx: &BlockQ8K) -> __m512i {
     _mm512_add_epi32(s[0], s[1])
 }
 
-/// Block `i` (decoded) against block `i` of every token: `acc[t][i & 1] += d · sumi`.
+/// Block `i` (decoded) against block `i` of every token: `acc[t] += d · sumi`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn iq2_tokens<const NT: usize>(
@@ -337,13 +344,13 @@ fn iq2_tokens<const NT: usize>(
     x: &[BlockQ8K],
     nb: usize,
     i: usize,
-    acc: &mut [[__m512; 2]; NT],
+    acc: &mut [__m512; NT],
 ) {
     for (t, a) in acc.iter_mut().enumerate() {
         let bx = &x[t * nb + i];
         let sumi = iq2_token(b, bx);
         let d = _mm512_set1_ps(b.d * bx.d);
-        a[i & 1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), a[i & 1]);
+        *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *a);
     }
 }
 
@@ -358,14 +365,16 @@ unsafe fn iq2xxs_q8k_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: 
     let nb = w.len();
     assert!(out.len() == NT && x.len() == nb * NT);
     let c = Iq2Consts::load();
-    let mut acc = [[_mm512_setzero_ps(); 2]; NT];
+    // One accumulator per token: a block costs ~35 cycles, far more than the FMA latency,
+    // so a second (parity) chain buys nothing and its registers spill at 8 tokens.
+    let mut acc = [_mm512_setzero_ps(); NT];
     for (i, bw) in w.iter().enumerate() {
         let qs = load512(&bw.qs, 0);
         let b = iq2_decode(&c, qs, iq2_codes(&c, qs), bw.d);
         iq2_tokens(&b, x, nb, i, &mut acc);
     }
     for (o, a) in out.iter_mut().zip(&acc) {
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        *o = _mm512_reduce_add_ps(*a);
     }
 }
 
@@ -486,8 +495,10 @@ unsafe fn q2k_q8k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [
     assert!(out.len() == NT && x.len() == nb * NT);
     let pair = Q2K_PAIR_MATRIX.map(|m| table(&m));
     let shuf = Q2K_SCALE_SHUF.map(|m| table(&m));
-    let mut acc = [[_mm512_setzero_ps(); 2]; NT];
-    let mut acc_m = [[_mm256_setzero_ps(); 2]; NT];
+    // One accumulator pair per token: a block costs ~20 cycles, far more than the FMA
+    // latency, so parity chains buy nothing and their registers spill at 8 tokens.
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let mut acc_m = [_mm256_setzero_ps(); NT];
     for (i, bw) in w.iter().enumerate() {
         let b = q2k_decode(&pair, &shuf, bw);
         for (t, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
@@ -497,12 +508,12 @@ unsafe fn q2k_q8k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [
             let dd = _mm_mul_ps(b.dd, _mm_set1_ps(bx.d));
             let d = _mm512_broadcastss_ps(dd);
             let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
-            a[i & 1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), a[i & 1]);
-            am[i & 1] = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(mins), am[i & 1]);
+            *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *a);
+            *am = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(mins), *am);
         }
     }
     for ((o, a), am) in out.iter_mut().zip(&acc).zip(&acc_m) {
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])) + hsum_ps(_mm256_add_ps(am[0], am[1]));
+        *o = _mm512_reduce_add_ps(*a) + hsum_ps(*am);
     }
 }
 
@@ -548,5 +559,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With one accumulator per token these kernels add the same exact i32 lanes, in the same
+    /// f32 order, as the AVX-512 VNNI table's Q2_K and IQ2_XXS kernels, so the two tables give
+    /// the same bits (and a model the same logits under `DS4_SIMD=avx512`), single row and
+    /// multi-token alike.
+    #[test]
+    fn same_bits_as_the_vnni_table() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let (Some(vbmi), Some(vnni)) = (
+            Kernels::for_isa(Isa::Avx512Vbmi),
+            Kernels::for_isa(Isa::Avx512Vnni),
+        ) else {
+            return;
+        };
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        let scale = |rng: &mut StdRng| {
+            let mag = 10f32.powf(rng.random_range(-6.0..1.0));
+            f16::from_f32(if rng.random::<bool>() { mag } else { -mag })
+        };
+        for (nb, n) in [(1, 1), (2, 3), (5, 8), (16, 1), (16, 8), (3, 11)] {
+            let mut bytes = vec![0u8; nb * size_of::<BlockQ2K>()];
+            rng.fill(&mut bytes[..]);
+            let mut wq2: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&bytes);
+            for b in &mut wq2 {
+                (b.d, b.dmin) = (scale(&mut rng), scale(&mut rng));
+            }
+            let mut bytes = vec![0u8; nb * size_of::<BlockIq2Xxs>()];
+            rng.fill(&mut bytes[..]);
+            let mut wiq: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&bytes);
+            wiq.iter_mut().for_each(|b| b.d = scale(&mut rng));
+            let xf: Vec<f32> = (0..nb * n * 256)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let mut x = vec![bytemuck::Zeroable::zeroed(); nb * n];
+            crate::q8_k::quantize(&xf, &mut x);
+            let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+            (vbmi.q2k_q8k_n)(&wq2, &x, &mut a);
+            (vnni.q2k_q8k_n)(&wq2, &x, &mut b);
+            assert_eq!(bits(&a), bits(&b), "q2_k _n, {nb} blocks, {n} tokens");
+            (vbmi.iq2xxs_q8k_n)(&wiq, &x, &mut a);
+            (vnni.iq2xxs_q8k_n)(&wiq, &x, &mut b);
+            assert_eq!(bits(&a), bits(&b), "iq2_xxs _n, {nb} blocks, {n} tokens");
+            let x0 = &x[..nb];
+            assert_eq!(
+                (vbmi.q2k_q8k)(&wq2, x0).to_bits(),
+                (vnni.q2k_q8k)(&wq2, x0).to_bits(),
+                "q2_k, {nb} blocks"
+            );
+            assert_eq!(
+                (vbmi.iq2xxs_q8k)(&wiq, x0).to_bits(),
+                (vnni.iq2xxs_q8k)(&wiq, x0).to_bits(),
+                "iq2_xxs, {nb} blocks"
+            );
+        }
+    }
+
+    /// The bit patterns of a slice of f32, for exact comparisons with a readable diff.
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
     }
 }

@@ -18,8 +18,9 @@
 //! Multi-token kernels: every format also has a `*_n` entry ([`DotQ8_0N`] and friends) that
 //! runs one weight row against several tokens and returns, for each token, exactly the bits of
 //! the single-row kernel of the same table (so batched prefill equals decode). Real ones live
-//! in `tiles_x86.rs` (Q8_0, Q4_K, F16) and with the IQ2_XXS / Q2_K kernels; the rest loop over
-//! the single kernel (`dot_n_loop!`). `tests/kernels_n.rs` checks the bit identity.
+//! in `tiles_x86.rs` (Q8_0, AVX2 Q4_K, F16), `q4k_avx512.rs` (AVX-512 Q4_K) and with the
+//! IQ2_XXS / Q2_K kernels; the rest loop over the single kernel (`dot_n_loop!`).
+//! `tests/kernels_n.rs` checks the bit identity.
 //!
 //! Activation precondition: the quant kernels use the sign trick of ggml (`|w| * sign(x, w)`
 //! with `maddubs`/`dpbusd`), which is exact for activation quants in `[-127, 127]`. The
@@ -97,6 +98,8 @@ mod avx512;
 mod avx512_vbmi;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod q4k_avx512;
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;
 #[cfg(target_arch = "x86_64")]

@@ -225,7 +225,7 @@ fn q8_0_quad_256(w: &[BlockQ8_0], x: &[BlockQ8_0], tk: [usize; 4], out: &mut [f3
     }
 }
 
-/// AVX2 Q4_K x Q8_K for `out.len()` tokens (tables `avx2` and `avx512`).
+/// AVX2 Q4_K x Q8_K for `out.len()` tokens (table `avx2`).
 pub(super) fn avx2_q4k_q8k_n(w: &[BlockQ4K], x: &[BlockQ8K], out: &mut [f32]) {
     // SAFETY: the CPU supports avx2, fma and f16c (see above).
     unsafe { by_quads(w, x, out, "q4k_q8k_n", q4k_quad_256) }
