@@ -293,7 +293,8 @@ fn q4k_quad_256(w: &[BlockQ4K], x: &[BlockQ8K], tk: [usize; 4], out: &mut [f32])
     }
 }
 
-/// AVX-512 F16 x f32 for `out.len()` tokens (table `avx512`).
+/// AVX-512 F16 x f32 for `out.len()` tokens (table `avx512`): groups of 8 tokens (5-8 left
+/// over: one padded group of 8), then one padded group of 4 for 1-4 left over.
 pub(super) fn avx512_f16_f32_n(w: &[half::f16], x: &[f32], out: &mut [f32]) {
     let n = w.len();
     assert_eq!(
@@ -303,52 +304,87 @@ pub(super) fn avx512_f16_f32_n(w: &[half::f16], x: &[f32], out: &mut [f32]) {
     );
     let mut t = 0;
     while t < out.len() {
-        let take = (out.len() - t).min(4);
-        let tok = |k: usize| (t + k.min(take - 1)) * n;
-        // SAFETY: the CPU supports the AVX-512 set (see above); offsets within x.
+        let take = (out.len() - t).min(8);
+        // Tokens past `take` repeat the last one (their results are dropped), so the kernel
+        // always runs a full group and every offset stays inside `x`.
+        let mut tk = [0; 8];
+        for (k, o) in tk.iter_mut().enumerate() {
+            *o = (t + k.min(take - 1)) * n;
+        }
+        let o = &mut out[t..t + take];
+        // SAFETY: the CPU supports the AVX-512 set (see above); the kernel checks that
+        // every token offset + n <= x.len().
         unsafe {
-            f16_quad_512(
-                w,
-                x,
-                [tok(0), tok(1), tok(2), tok(3)],
-                &mut out[t..t + take],
-            );
+            if take > 4 {
+                f16_group_512::<8, 2>(w, x, tk, o);
+            } else {
+                f16_group_512::<4, 4>(w, x, [tk[0], tk[1], tk[2], tk[3]], o);
+            }
         }
         t += take;
     }
 }
 
-/// Four tokens against one F16 row; per token this is `avx512::f16_f32` (four FMA chains
-/// over 64-value steps, `reduce_add((a0 + a1) + (a2 + a3))`, then the scalar tail), with
-/// each 16-value conversion of the weights shared.
+/// `T` tokens (token `p` at `x[tk[p]..tk[p] + w.len()]`) against one F16 row, writing
+/// `out[p]` for `p < out.len()`; per token this is `avx512::f16_f32`: four FMA chains (chain
+/// `k` takes the 16 values at offset `16k` of every 64-value step), `reduce_add((a0 + a1) +
+/// (a2 + a3))`, then the scalar tail. Each 16-value conversion of the weights is shared by
+/// the `T` tokens.
+///
+/// The chains are independent sums, so they run `C` at a time (`T * C` accumulators, at most
+/// 16 of the 32 registers): with 8 tokens, chains 0 and 1 over the whole row, then 2 and 3.
+/// Every chain still adds its products in the single kernel's order, and `a0 + a1` and
+/// `a2 + a3` are formed as there, so each result is bit for bit the single kernel's.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
-// `k` indexes both the chain and the 16-value offset, as in the single kernel.
+// `c` and `p` index the accumulators, the 16-value offsets and the token pointers at once.
 #[allow(clippy::needless_range_loop)]
-fn f16_quad_512(w: &[half::f16], x: &[f32], tk: [usize; 4], out: &mut [f32]) {
+fn f16_group_512<const T: usize, const C: usize>(
+    w: &[half::f16],
+    x: &[f32],
+    tk: [usize; T],
+    out: &mut [f32],
+) {
+    const { assert!(C == 2 || C == 4) };
     let n = w.len();
     let n64 = n / 64 * 64;
-    let xs: [&[f32]; 4] = std::array::from_fn(|p| &x[tk[p]..tk[p] + n]);
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    for &t in &tk {
+        assert!(t + n <= x.len(), "f16_group_512: token offset out of range");
+    }
+    // A plain loop, not `array::from_fn`: its closure was left as a call in the profile.
+    let mut px = [x.as_ptr(); T];
+    for p in 0..T {
+        px[p] = x[tk[p]..].as_ptr();
+    }
     let pw = w.as_ptr().cast::<u16>();
-    for i in (0..n64).step_by(64) {
-        for k in 0..4 {
-            let o = i + 16 * k;
-            // SAFETY: o + 16 <= n64 <= n; unaligned load.
-            let wv = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(o).cast())) };
-            for p in 0..4 {
-                // SAFETY: o + 16 <= n = xs[p].len(); unaligned load.
-                let xv = unsafe { _mm512_loadu_ps(xs[p].as_ptr().add(o)) };
-                acc[p][k] = _mm512_fmadd_ps(wv, xv, acc[p][k]);
+    // Per token: `a0 + a1` and `a2 + a3`.
+    let mut halves = [[_mm512_setzero_ps(); 2]; T];
+    for k0 in (0..4).step_by(C) {
+        let mut acc = [[_mm512_setzero_ps(); C]; T];
+        for i in (0..n64).step_by(64) {
+            for c in 0..C {
+                let o = i + 16 * (k0 + c);
+                // SAFETY: o + 16 <= n64 <= n; unaligned load.
+                let wv = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(o).cast())) };
+                for p in 0..T {
+                    // SAFETY: o + 16 <= n and tk[p] + n <= x.len() (checked above).
+                    let xv = unsafe { _mm512_loadu_ps(px[p].add(o)) };
+                    acc[p][c] = _mm512_fmadd_ps(wv, xv, acc[p][c]);
+                }
+            }
+        }
+        for p in 0..T {
+            for c in (0..C).step_by(2) {
+                halves[p][(k0 + c) / 2] = _mm512_add_ps(acc[p][c], acc[p][c + 1]);
             }
         }
     }
     for (p, o) in out.iter_mut().enumerate() {
-        let a = &acc[p];
-        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        let s = _mm512_add_ps(halves[p][0], halves[p][1]);
         let mut sum = _mm512_reduce_add_ps(s);
+        let xs = &x[tk[p]..tk[p] + n];
         for i in n64..n {
-            sum += f16_to_f32(w[i]) * xs[p][i];
+            sum += f16_to_f32(w[i]) * xs[i];
         }
         *o = sum;
     }
