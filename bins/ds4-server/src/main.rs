@@ -92,6 +92,10 @@ struct Args {
     kv_cache_reject_different_quant: bool,
 }
 
+/// Large heap blocks (activation buffers) on cache-line boundaries for the SIMD kernels.
+#[global_allocator]
+static ALLOC: ds4_tensor::alloc::CacheLineAlloc = ds4_tensor::alloc::CacheLineAlloc;
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,

@@ -38,6 +38,10 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Large heap blocks (activation buffers) on cache-line boundaries for the SIMD kernels.
+#[global_allocator]
+static ALLOC: ds4_tensor::alloc::CacheLineAlloc = ds4_tensor::alloc::CacheLineAlloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -19,7 +19,14 @@
 //! For a batch ([`matmul`]) each task runs groups of up to 8 tokens through the multi-token
 //! kernels (`Kernels::*_n`, which unpack a weight block once for all tokens of the group and
 //! give every value bit for bit as the single-row kernel does), rows innermost, so the group's
-//! activations stay in L1 while the task's weight rows stream from L2.
+//! activations stay in L1 while the task's weight rows stream from L2. Each task writes its
+//! outputs straight into its own columns of `ys`, so no step of a batch runs on one thread
+//! alone: the activation quantization and the Q8_0 group packing are split over tokens too.
+//!
+//! Scheduling only changes when work runs, never what is computed: a matrix too small to
+//! pay for entering the pool (`SERIAL_BYTES`) runs on the calling thread, and the
+//! per-call buffers (quantized activations, packed groups, task tiles) are thread-local
+//! scratch reused from call to call.
 //!
 //! Every length is checked and reported as an [`Error`]; nothing here panics on a bad
 //! input. Weight bytes at any alignment are accepted (GGUF data is 32-byte aligned, so the
@@ -28,6 +35,7 @@
 //! Reference: row-by-row scalar dots; checked by `tests/kernels.rs`.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use bytemuck::{Pod, Zeroable};
 use ds4_tensor::DType;
@@ -47,6 +55,52 @@ const TASK_ROWS: usize = 16;
 const TOKEN_GROUP: usize = 8;
 /// Activation bytes of one token group that should stay in L1 next to the weight rows.
 const GROUP_BYTES: usize = 24 * 1024;
+/// Weight bytes below which a one-token product runs on the calling thread: entering the
+/// pool and waking a worker costs about 15 us, what ~200 KiB of weights take to stream.
+const SERIAL_BYTES: usize = 192 * 1024;
+/// Activation values a quantization or packing task should cover at least.
+const PREP_VALUES: usize = 32 * 1024;
+
+/// Per-thread buffers reused across calls, so that a call allocates nothing once warm.
+#[derive(Default)]
+struct Scratch {
+    /// Activations quantized by [`Gemv::matmul`].
+    q8k: Vec<BlockQ8K>,
+    /// Activations quantized by [`Gemv::matmul`].
+    q8_0: Vec<BlockQ8_0>,
+    /// Q8_0 token groups packed for a `q8_0_q8_0_g` kernel: (quants, scales) per group.
+    groups: Vec<(Vec<u8>, Vec<f32>)>,
+}
+
+thread_local! {
+    /// The calling thread's [`Scratch`]; taken out for a call and put back after it, so a
+    /// call nested in the wait of another (rayon work stealing) just starts an empty one.
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+    /// A task's `[rows, group]` output tile in [`Mat::apply_groups`] (same take/put back).
+    static TILE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's [`Scratch`].
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut s = SCRATCH.take();
+    let r = f(&mut s);
+    SCRATCH.set(s);
+    r
+}
+
+/// Whether to split work over the pool at all: not when it has one thread.
+fn pool_parallel() -> bool {
+    rayon::current_num_threads() > 1
+}
+
+/// `ys` as a pointer that tasks writing disjoint parts of it may share.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used by `Mat::apply_groups`, whose tasks write disjoint elements of a slice
+// that outlives them (see the use there).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
 
 /// Tokens per group for activations of `tok_bytes` bytes per token: [`TOKEN_GROUP`], or 4
 /// when 8 tokens would not fit [`GROUP_BYTES`] (e.g. the 4096-wide attention output).
@@ -254,17 +308,19 @@ impl Gemv {
     ) -> Result<()> {
         check_cols(dtype, n_cols)?;
         let n_tok = n_tok(xs.len(), n_cols, 1)?;
-        match activation_dtype(dtype) {
+        with_scratch(|s| match activation_dtype(dtype) {
             Some(DType::Q8K) => {
-                let xq = quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k);
-                self.run(dtype, w, n_rows, n_cols, Act::Q8K(&xq), ys)
+                quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k, &mut s.q8k);
+                let act = Act::Q8K(&s.q8k);
+                self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.groups)
             }
             Some(DType::Q8_0) => {
-                let xq = quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0);
-                self.run(dtype, w, n_rows, n_cols, Act::Q8_0(&xq), ys)
+                quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0, &mut s.q8_0);
+                let act = Act::Q8_0(&s.q8_0);
+                self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.groups)
             }
-            _ => self.run(dtype, w, n_rows, n_cols, Act::F32(xs), ys),
-        }
+            _ => self.run(dtype, w, n_rows, n_cols, Act::F32(xs), ys, &mut s.groups),
+        })
     }
 
     /// See [`matmul_q8k`] (and [`matvec_q8k`], the one-token case).
@@ -277,7 +333,8 @@ impl Gemv {
         xq: &[BlockQ8K],
         ys: &mut [f32],
     ) -> Result<()> {
-        self.run(dtype, w, n_rows, n_cols, Act::Q8K(xq), ys)
+        // No Q8_0 groups to pack: no scratch needed.
+        self.run(dtype, w, n_rows, n_cols, Act::Q8K(xq), ys, &mut Vec::new())
     }
 
     /// See [`matmul_q8_0`] (and [`matvec_q8_0`], the one-token case).
@@ -289,10 +346,15 @@ impl Gemv {
         xq: &[BlockQ8_0],
         ys: &mut [f32],
     ) -> Result<()> {
-        self.run(DType::Q8_0, w, n_rows, n_cols, Act::Q8_0(xq), ys)
+        with_scratch(|s| {
+            let act = Act::Q8_0(xq);
+            self.run(DType::Q8_0, w, n_rows, n_cols, act, ys, &mut s.groups)
+        })
     }
 
-    /// Validates every length, then dispatches on the weight type once per call.
+    /// Validates every length, then dispatches on the weight type once per call (`groups`:
+    /// scratch for packed Q8_0 token groups).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         dtype: DType,
@@ -301,6 +363,7 @@ impl Gemv {
         n_cols: usize,
         act: Act<'_>,
         ys: &mut [f32],
+        groups: &mut Vec<(Vec<u8>, Vec<f32>)>,
     ) -> Result<()> {
         check_cols(dtype, n_cols)?;
         let (act_dtype, op) = match act {
@@ -358,15 +421,32 @@ impl Gemv {
                     // (lanes past a short last group repeat its last token).
                     let nb = n_cols / QK8_0;
                     let gs = group_size(nb * size_of::<BlockQ8_0>());
-                    let groups: Vec<(Vec<u8>, Vec<f32>)> = (0..n_tok.div_ceil(gs))
-                        .map(|gi| {
-                            let (t0, mut packed, mut scales) = (gi * gs, Vec::new(), Vec::new());
-                            let tn = (n_tok - t0).min(gs);
-                            let xg = &x[t0 * nb..(t0 + tn) * nb];
-                            simd::pack_q8_0_group(xg, nb, tn, &mut packed, &mut scales);
-                            (packed, scales)
-                        })
-                        .collect();
+                    let n_groups = n_tok.div_ceil(gs);
+                    if groups.len() < n_groups {
+                        groups.resize_with(n_groups, Default::default);
+                    }
+                    let groups = &mut groups[..n_groups];
+                    let pack = |gi: usize, (packed, scales): &mut (Vec<u8>, Vec<f32>)| {
+                        let t0 = gi * gs;
+                        let tn = (n_tok - t0).min(gs);
+                        let xg = &x[t0 * nb..(t0 + tn) * nb];
+                        simd::pack_q8_0_group(xg, nb, tn, packed, scales);
+                    };
+                    // Groups of a task: at least PREP_VALUES quants.
+                    let min_groups = PREP_VALUES.div_ceil(gs * n_cols).max(1);
+                    if n_groups > min_groups && pool_parallel() {
+                        groups
+                            .par_iter_mut()
+                            .enumerate()
+                            .with_min_len(min_groups)
+                            .for_each(|(gi, g)| pack(gi, g));
+                    } else {
+                        groups
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|(gi, g)| pack(gi, g));
+                    }
+                    let groups = &*groups;
                     m.apply_groups::<BlockQ8_0>(n_tok, gs, ys, |row, t0, _tn, out| {
                         let (packed, scales) = &groups[t0 / gs];
                         g(row, packed, scales, out);
@@ -431,25 +511,30 @@ fn shape(what: &str, expected: usize, got: usize) -> Error {
     })
 }
 
-/// Quantizes the `n_tok` rows of `xs` with `f` into blocks of `elems` values, one rayon
-/// task per token when there are several.
+/// Quantizes the `n_tok` rows of `xs` with `f` into `out` (resized to the blocks of `elems`
+/// values), split over rayon tasks of whole tokens when there are enough of them. Blocks
+/// never span two tokens, so one call over several tokens gives the same bytes as one call
+/// per token.
 fn quantize_rows<B: Pod + Send>(
     xs: &[f32],
     n_tok: usize,
     elems: usize,
     f: fn(&[f32], &mut [B]),
-) -> Vec<B> {
-    let mut out = vec![B::zeroed(); xs.len() / elems];
-    if n_tok <= 1 {
-        // One token, or none (zero columns): a single call covers it.
-        f(xs, &mut out);
+    out: &mut Vec<B>,
+) {
+    out.clear();
+    out.resize(xs.len() / elems, B::zeroed());
+    // Tokens of a task: at least PREP_VALUES values.
+    let n_cols = xs.len() / n_tok.max(1);
+    let task_tok = PREP_VALUES.div_ceil(n_cols.max(1)).max(1);
+    if n_tok <= task_tok || !pool_parallel() {
+        // One task's worth (or zero columns): a single call covers it.
+        f(xs, out);
     } else {
-        let n_cols = xs.len() / n_tok;
-        out.par_chunks_mut(n_cols / elems)
-            .zip(xs.par_chunks(n_cols))
+        out.par_chunks_mut(task_tok * (n_cols / elems))
+            .zip(xs.par_chunks(task_tok * n_cols))
             .for_each(|(q, x)| f(x, q));
     }
-    out
 }
 
 /// A weight matrix as raw bytes: `n_rows` rows of `row_bytes` each.
@@ -476,7 +561,6 @@ impl Mat<'_> {
         ys: &mut [f32],
     ) {
         let per_tok = x.len() / n_tok;
-        let chunk_rows = self.task_rows();
         if n_tok == 1 {
             let rows = |first: usize, out: &mut [f32]| {
                 for (i, y) in out.iter_mut().enumerate() {
@@ -485,6 +569,12 @@ impl Mat<'_> {
                     *y = kernel(&row, x);
                 }
             };
+            if self.w.len() <= SERIAL_BYTES || !pool_parallel() {
+                // Too small to pay for the pool: every row on this thread, same kernel calls.
+                rows(0, ys);
+                return;
+            }
+            let chunk_rows = self.task_rows();
             ys.par_chunks_mut(chunk_rows)
                 .enumerate()
                 .for_each(|(c, out)| rows(c * chunk_rows, out));
@@ -506,40 +596,49 @@ impl Mat<'_> {
         group: impl Fn(&[B], usize, usize, &mut [f32]) + Sync,
     ) {
         let chunk_rows = self.task_rows();
-        // Computed as [n_rows, n_tok] so that each task owns a contiguous run, then
-        // transposed; the copy is small next to the products.
-        let rows = |first: usize, out: &mut [f32] /* [rows, n_tok] */| {
-            let n_rows = out.len() / n_tok;
-            let task_w = &self.w[first * self.row_bytes..(first + n_rows) * self.row_bytes];
+        let n_chunks = self.n_rows.div_ceil(chunk_rows);
+        let n_rows_all = self.n_rows;
+        let out = OutPtr(ys.as_mut_ptr());
+        // One task: rows `first..first + nr`. Each token group is computed into a
+        // `[nr, gs]` tile (rows innermost, as before), then copied to the task's columns of
+        // `ys` token by token: each copy is one contiguous run of `nr` values.
+        let task = |c: usize| {
+            let first = c * chunk_rows;
+            let nr = chunk_rows.min(n_rows_all - first);
+            let task_w = &self.w[first * self.row_bytes..(first + nr) * self.row_bytes];
             let task_w = cast_row::<B>(task_w);
-            let per_row = task_w.len() / n_rows;
+            let per_row = task_w.len() / nr;
+            let mut tile = TILE.take();
+            tile.clear();
+            tile.resize(nr * gs, 0.0);
             for t0 in (0..n_tok).step_by(gs) {
                 let tn = (n_tok - t0).min(gs);
-                for (row, out_row) in task_w
-                    .chunks_exact(per_row)
-                    .zip(out.chunks_exact_mut(n_tok))
-                {
-                    group(row, t0, tn, &mut out_row[t0..t0 + tn]);
+                for (row, tile_row) in task_w.chunks_exact(per_row).zip(tile.chunks_exact_mut(gs)) {
+                    group(row, t0, tn, &mut tile_row[..tn]);
+                }
+                for t in 0..tn {
+                    // SAFETY: `ys` has `n_tok * n_rows` values (checked by `Gemv::run`) and
+                    // outlives every task (the parallel loop below returns only when all
+                    // are done); this task alone writes rows `first..first + nr` of each
+                    // token, so the slices of different tasks never overlap, and nothing
+                    // reads `ys` meanwhile.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            { out }.0.add((t0 + t) * n_rows_all + first),
+                            nr,
+                        )
+                    };
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = tile[i * gs + t];
+                    }
                 }
             }
+            TILE.set(tile);
         };
-        let mut yt = vec![0.0f32; ys.len()];
-        yt.par_chunks_mut(chunk_rows * n_tok)
-            .enumerate()
-            .for_each(|(c, out)| rows(c * chunk_rows, out));
-        // Transposed in blocks of 16 rows: each token's 16 outputs are one contiguous
-        // 64-byte run of `ys`, and the 16 source rows stay in L1 across the tokens (a
-        // plain row-by-row scatter missed the cache on every store).
-        const TB: usize = 16;
-        for (b, yb) in yt.chunks(TB * n_tok).enumerate() {
-            let r0 = b * TB;
-            let nr = yb.len() / n_tok;
-            for t in 0..n_tok {
-                let dst = &mut ys[t * self.n_rows + r0..t * self.n_rows + r0 + nr];
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = yb[i * n_tok + t];
-                }
-            }
+        if n_chunks > 1 && pool_parallel() {
+            (0..n_chunks).into_par_iter().for_each(task);
+        } else {
+            (0..n_chunks).for_each(task);
         }
     }
 
@@ -557,5 +656,75 @@ fn cast_row<B: Pod>(bytes: &[u8]) -> Cow<'_, [B]> {
     match bytemuck::try_cast_slice::<u8, B>(bytes) {
         Ok(blocks) => Cow::Borrowed(blocks),
         Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduling paths of this module (split or serial quantization and packing, tiles
+    //! scattered straight into the output, serial small matrices) against the one-token path:
+    //! every batch output must equal, bit for bit, the same token run alone, at 1 and 2
+    //! threads. `tests/kernels.rs` checks the values against scalar references.
+
+    use super::*;
+
+    /// Q8_0 weights `[n_rows, n_cols]` with finite scales and pseudo-random quants.
+    fn q8_0_weights(n_rows: usize, n_cols: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 24) as u8
+        };
+        let mut w = Vec::new();
+        for _ in 0..n_rows * n_cols / QK8_0 {
+            let d = f16::from_f32(0.001 + f32::from(next()) * 1e-4);
+            w.extend_from_slice(&d.to_le_bytes());
+            w.extend((0..QK8_0).map(|_| next()));
+        }
+        w
+    }
+
+    fn activations(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * 0.731).sin() * 3.0).collect()
+    }
+
+    /// `matmul` of `n_tok` tokens equals `matvec` of each token alone, in pools of 1 and 2.
+    fn check_batch_equals_tokens(n_rows: usize, n_cols: usize, n_tok: usize) {
+        let w = q8_0_weights(n_rows, n_cols, (n_rows * 31 + n_tok) as u32);
+        let xs = activations(n_tok * n_cols);
+        let mut per_token = vec![0.0f32; n_tok * n_rows];
+        for (x, y) in xs.chunks(n_cols).zip(per_token.chunks_mut(n_rows)) {
+            matvec(DType::Q8_0, &w, n_rows, n_cols, x, y).expect("matvec");
+        }
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            // Twice, so the second call runs on reused scratch.
+            for _ in 0..2 {
+                let mut ys = vec![f32::NAN; n_tok * n_rows];
+                pool.install(|| matmul(DType::Q8_0, &w, n_rows, n_cols, &xs, &mut ys))
+                    .expect("matmul");
+                let same = ys
+                    .iter()
+                    .zip(&per_token)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{n_rows}x{n_cols}, {n_tok} tokens, {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn split_quantization_and_packing_keep_bits() {
+        // 256 columns: tasks of 128 tokens quantize and 16 groups pack, so 300 tokens
+        // split both; 1000 rows leave a short last row chunk.
+        check_batch_equals_tokens(1000, 256, 300);
+    }
+
+    #[test]
+    fn small_batches_and_matrices_keep_bits() {
+        check_batch_equals_tokens(40, 64, 3);
+        check_batch_equals_tokens(17, 1024, 9);
     }
 }

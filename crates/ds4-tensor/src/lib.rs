@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod backend;
 pub mod dtype;
 pub mod error;
