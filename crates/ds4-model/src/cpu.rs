@@ -160,6 +160,8 @@ fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
 /// 8-byte loads; the same Rust source compiled inside a `#[target_feature]` function uses
 /// AVX2 or AVX-512 registers and gives the same bits (element-wise lanes, explicit order,
 /// no FMA contraction), so the choice never changes a result.
+// Only x86 dispatches on it; elsewhere every loop takes the baseline path.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Simd {
     Base,
@@ -169,6 +171,7 @@ enum Simd {
     Avx512,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl Simd {
     fn get() -> Simd {
         static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
