@@ -699,18 +699,7 @@ impl CpuBackend {
             ds4_quant::gemv::matmul_q8k(w.dtype, data, f, d, &xe, y)
                 .map_err(|err| quant_err(w, err))?;
         }
-        for (i, &(_, wt)) in route.iter().enumerate() {
-            // The route weight multiplies before the down projection (MODEL.md D5).
-            self.swiglu(
-                &mut g[i * f..(i + 1) * f],
-                &u[i * f..(i + 1) * f],
-                clamp,
-                wt,
-            );
-        }
-        let mut ye = vec![0.0f32; m * d];
-        self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
-        Ok(ye)
+        ds4_tensor::backend::expert_swiglu_down(self, down_exps, e, route, clamp, g, &u)
     }
 }
 

@@ -267,13 +267,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let (mut g, mut u) = (vec![0.0f32; m * f], vec![0.0f32; m * f]);
         self.matmul(gate_exps, e * f..(e + 1) * f, &xe, m, &mut g)?;
         self.matmul(up_exps, e * f..(e + 1) * f, &xe, m, &mut u)?;
-        for (i, &(_, w)) in route.iter().enumerate() {
-            // The route weight multiplies before the down projection (MODEL.md D5).
-            self.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
-        }
-        let mut ye = vec![0.0f32; m * d];
-        self.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
-        Ok(ye)
+        expert_swiglu_down(self, down_exps, e, route, clamp, g, &u)
     }
 
     /// Routed experts of a chunk (MODEL.md s3.11): for every expert `e`, the tokens routed to
@@ -306,6 +300,30 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// `gate <- silu(min(gate, c)) * clamp(up, -c, c) * weight` (no clamp when `c <= 1e-6`).
     fn swiglu(&self, gate: &mut [f32], up: &[f32], clamp: f32, weight: f32);
+}
+
+/// The tail of one routed expert `e`, shared by [`Backend::moe_expert`] and by backends that
+/// compute the gate and up products their own way: `g[i] = w_i * SwiGLU(g[i], u[i])` for every
+/// routed token `i` (the route weight multiplies before the down projection, MODEL.md D5),
+/// then `W2[e] @ g`, returned as `[route.len(), d]`. `g` and `u` are `[route.len(), F]`.
+pub fn expert_swiglu_down<B: Backend + ?Sized>(
+    b: &B,
+    down_exps: &HostTensor,
+    e: usize,
+    route: &[(usize, f32)],
+    clamp: f32,
+    mut g: Vec<f32>,
+    u: &[f32],
+) -> BackendResult<Vec<f32>> {
+    let f = down_exps.shape.ne(0) as usize;
+    let d = down_exps.shape.ne(1) as usize;
+    let m = route.len();
+    for (i, &(_, w)) in route.iter().enumerate() {
+        b.swiglu(&mut g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f], clamp, w);
+    }
+    let mut ye = vec![0.0f32; m * d];
+    b.matmul(down_exps, e * d..(e + 1) * d, &g, m, &mut ye)?;
+    Ok(ye)
 }
 
 /// Adds one expert's output rows into the chunk's MoE output: row `i` of `ye` (`[route.len(),
