@@ -149,15 +149,7 @@ unsafe fn q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
             acc[$par] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[$par]);
         }};
     }
-    let mut i = 0;
-    while i + 1 < nb {
-        block!(i, 0);
-        block!(i + 1, 1);
-        i += 2;
-    }
-    if i < nb {
-        block!(i, 0);
-    }
+    for_block_pairs!(nb, block);
     hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }
 

@@ -53,6 +53,26 @@ macro_rules! dot_n_loop {
     };
 }
 
+/// Runs the caller's `$block!(i, parity)` over blocks `0..$nb` in pairs, `parity` 0 for even
+/// and 1 for odd blocks, then the odd last block with parity 0. The parity is a literal, so
+/// the kernel's per-parity accumulators stay in registers (indexed by a run-time `i & 1`
+/// they lived on the stack, a store-forward on every FMA; docs/BENCH.md).
+#[allow(unused_macros)]
+macro_rules! for_block_pairs {
+    ($nb:expr, $block:ident) => {{
+        let nb = $nb;
+        let mut i = 0;
+        while i + 1 < nb {
+            $block!(i, 0);
+            $block!(i + 1, 1);
+            i += 2;
+        }
+        if i < nb {
+            $block!(i, 0);
+        }
+    }};
+}
+
 /// Defines `fn $name(w, x, out)` over `unsafe fn $kernel<const NT: usize>(w, x, out)`, a
 /// multi-token kernel that handles exactly `NT` tokens in one pass over the weights (and
 /// whose `NT = 1` instance is the table's single-row dot): splits `out` into passes of at

@@ -114,15 +114,7 @@ fn q8_0_pairs_g_512<const P: usize>(w: &[BlockQ8_0], xp: &[u8], xd: &[f32], out:
             }
         }};
     }
-    let mut i = 0;
-    while i + 1 < nb {
-        block!(i, 0);
-        block!(i + 1, 1);
-        i += 2;
-    }
-    if i < nb {
-        block!(i, 0);
-    }
+    for_block_pairs!(nb, block);
     for p in 0..P {
         let s = _mm512_add_ps(acc[p][0], acc[p][1]);
         out[2 * p] = hsum_ps(_mm512_castps512_ps256(s));
@@ -211,15 +203,7 @@ fn q8_0_quad_256(w: &[BlockQ8_0], x: &[BlockQ8_0], tk: [usize; 4], out: &mut [f3
             }
         }};
     }
-    let mut i = 0;
-    while i + 1 < nb {
-        block!(i, 0);
-        block!(i + 1, 1);
-        i += 2;
-    }
-    if i < nb {
-        block!(i, 0);
-    }
+    for_block_pairs!(nb, block);
     for (p, o) in out.iter_mut().enumerate() {
         *o = hsum_ps(_mm256_add_ps(acc[p][0], acc[p][1]));
     }
