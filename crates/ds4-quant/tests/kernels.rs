@@ -16,24 +16,19 @@
 //! their quants lie in `[-127, 127]` as the kernels require.
 
 use ds4_quant::gemv::{self, Gemv};
-use ds4_quant::simd::{self, Isa, Kernels};
+use ds4_quant::simd::{self, Isa};
 use ds4_quant::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, Error, QK_K, QK8_0};
 use ds4_tensor::DType;
 use half::{bf16, f16};
 use proptest::prelude::*;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+
+mod common;
+use common::{random_blocks, random_f32, scale, tables};
 
 /// Relative tolerance against the sum of |products| (see the module docs).
 const TOL: f64 = 1e-5;
-
-/// The kernel tables of every instruction set this CPU can run (always includes scalar).
-fn tables() -> Vec<&'static Kernels> {
-    simd::supported()
-        .into_iter()
-        .map(|isa| Kernels::for_isa(isa).expect("supported() lists runnable sets only"))
-        .collect()
-}
 
 fn check_close(what: &str, isa: Isa, got: f32, want: f32, mag: f64) {
     let err = (f64::from(got) - f64::from(want)).abs();
@@ -45,32 +40,6 @@ fn check_close(what: &str, isa: Isa, got: f32, want: f32, mag: f64) {
 
 // ---------------------------------------------------------------------------------------
 // Random data.
-
-/// A finite f16 scale of either sign, spread over many binades (including tiny ones).
-fn scale(rng: &mut StdRng) -> f16 {
-    let mag = 10f32.powf(rng.random_range(-6.0..1.0));
-    f16::from_f32(if rng.random::<bool>() { mag } else { -mag })
-}
-
-fn random_blocks<B: bytemuck::Pod>(rng: &mut StdRng, n: usize) -> Vec<B> {
-    let mut bytes = vec![0u8; n * size_of::<B>()];
-    rng.fill(&mut bytes[..]);
-    bytemuck::pod_collect_to_vec(&bytes)
-}
-
-fn random_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    // Occasional large outliers, as in real activations.
-    (0..n)
-        .map(|_| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if rng.random_range(0..50) == 0 {
-                v * 40.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
 
 fn q8k(x: &[f32]) -> Vec<BlockQ8K> {
     gemv::quantize_q8k(x).expect("whole blocks")

@@ -16,37 +16,8 @@ use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn tables() -> Vec<&'static Kernels> {
-    simd::supported()
-        .into_iter()
-        .map(|isa| Kernels::for_isa(isa).expect("supported() lists runnable sets only"))
-        .collect()
-}
-
-/// A finite f16 scale of either sign over many binades.
-fn scale(rng: &mut StdRng) -> f16 {
-    let mag = 10f32.powf(rng.random_range(-6.0..1.0));
-    f16::from_f32(if rng.random::<bool>() { mag } else { -mag })
-}
-
-fn random_blocks<B: bytemuck::Pod>(rng: &mut StdRng, n: usize) -> Vec<B> {
-    let mut bytes = vec![0u8; n * size_of::<B>()];
-    rng.fill(&mut bytes[..]);
-    bytemuck::pod_collect_to_vec(&bytes)
-}
-
-fn random_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if rng.random_range(0..50) == 0 {
-                v * 40.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
+mod common;
+use common::{random_blocks, random_f32, scale, tables};
 
 fn q8k(rng: &mut StdRng, n_blocks: usize) -> Vec<BlockQ8K> {
     let x = random_f32(rng, n_blocks * QK_K);
