@@ -65,31 +65,10 @@ struct Args {
     /// Max tool ids kept in the replay map.
     #[arg(long = "tool-memory-max-ids", default_value_t = 100_000)]
     tool_memory_max_ids: usize,
-    /// Disk KV cache directory: prompt prefixes are saved here and restored by later
-    /// requests (and after a restart). Off when unset.
-    #[arg(long = "kv-disk-dir")]
-    kv_disk_dir: Option<PathBuf>,
-    /// Disk KV cache budget in MiB (a hard cap; old entries are evicted).
-    #[arg(long = "kv-disk-space-mb", default_value_t = 4096)]
-    kv_disk_space_mb: u64,
-    /// Never save or load checkpoints shorter than this many tokens.
-    #[arg(long = "kv-cache-min-tokens", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_cache_min_tokens: u64,
-    /// Cold-save first prompts up to this length (0 disables cold saves).
-    #[arg(long = "kv-cache-cold-max-tokens", default_value_t = 30000)]
-    kv_cache_cold_max_tokens: u64,
-    /// Save a continued checkpoint every ~N prompt tokens (0 disables).
-    #[arg(long = "kv-cache-continued-interval-tokens", default_value_t = 10000)]
-    kv_cache_continued_interval_tokens: u64,
-    /// Tokens trimmed from the tail of cold saves.
-    #[arg(long = "kv-cache-boundary-trim-tokens", default_value_t = 32)]
-    kv_cache_boundary_trim_tokens: u64,
-    /// Cold and continued save lengths are multiples of this (0 disables).
-    #[arg(long = "kv-cache-boundary-align-tokens", default_value_t = 2048)]
-    kv_cache_boundary_align_tokens: u64,
-    /// Only reuse entries written with the same weight types (quantization).
-    #[arg(long = "kv-cache-reject-different-quant")]
-    kv_cache_reject_different_quant: bool,
+    /// Disk KV cache (`--kv-disk-dir`, `--kv-disk-space-mb`, `--kv-cache-*`), shared with
+    /// the `ds4` CLI.
+    #[command(flatten)]
+    kv: ds4_kvcache::KvCacheArgs,
 }
 
 /// Large heap blocks (activation buffers) on cache-line boundaries for the SIMD kernels.
@@ -142,27 +121,7 @@ fn run(args: Args) -> Result<()> {
         // SAFETY: single-threaded here: no other thread exists yet to read the environment.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
     }
-    let disk = match &args.kv_disk_dir {
-        Some(dir) => {
-            let policy = ds4_kvcache::Policy {
-                min_tokens: args.kv_cache_min_tokens as usize,
-                cold_max_tokens: args.kv_cache_cold_max_tokens as usize,
-                continued_interval_tokens: args.kv_cache_continued_interval_tokens as usize,
-                boundary_trim_tokens: args.kv_cache_boundary_trim_tokens as usize,
-                boundary_align_tokens: args.kv_cache_boundary_align_tokens as usize,
-                reject_different_quant: args.kv_cache_reject_different_quant,
-            };
-            if let Err(e) = policy.validate() {
-                bail!("--kv-cache-*: {e}");
-            }
-            Some(DiskCacheConfig {
-                space_mb: args.kv_disk_space_mb,
-                policy,
-                ..DiskCacheConfig::new(dir.clone())
-            })
-        }
-        None => None,
-    };
+    let disk = args.kv.config()?;
     let config = ServerConfig {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         cors: args.cors,
@@ -178,6 +137,7 @@ fn run(args: Args) -> Result<()> {
         trace: args.trace.clone(),
         // Exact DSML replay survives restarts along with the disk KV checkpoints.
         tool_memory_file: args
+            .kv
             .kv_disk_dir
             .as_ref()
             .map(|d| d.join("tool-memory.jsonl")),

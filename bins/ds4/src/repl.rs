@@ -161,7 +161,7 @@ fn history_path() -> PathBuf {
 pub fn run(args: &RunArgs, engine: &Engine) -> Result<()> {
     let tok = engine.tokenizer()?.as_ref();
     let ctx = args.ctx as usize;
-    let disk = args.kv.open(engine)?;
+    let disk = crate::kvcache::open(&args.kv, engine)?;
     let mut chat = Chat {
         tok,
         session: Session::new(&engine.model, ctx),

@@ -149,7 +149,7 @@ pub struct RunArgs {
     pub no_qat_sim: bool,
     /// Disk KV cache (`--kv-disk-dir`, `--kv-cache-*`).
     #[command(flatten)]
-    pub kv: crate::kvcache::KvCacheArgs,
+    pub kv: ds4_kvcache::KvCacheArgs,
 }
 
 fn float_in(
@@ -238,7 +238,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let prompt = args.prompt_text()?;
     // Bad --kv-cache-* values are usage errors, reported before the model loads.
-    args.kv.config()?;
+    crate::kvcache::config(&args.kv)?;
     let engine = load_engine(args)?;
     if let Some(file) = &args.dump_logprobs {
         let Some(text) = prompt else {
@@ -496,7 +496,7 @@ pub fn one_shot_prompt(args: &RunArgs, tok: &Tokenizer, text: &str) -> Result<(V
 fn one_shot(args: &RunArgs, engine: &Engine, text: &str) -> Result<()> {
     let tok = engine.tokenizer()?;
     let (prompt, thinking) = one_shot_prompt(args, tok, text)?;
-    let disk = args.kv.open(engine)?;
+    let disk = crate::kvcache::open(&args.kv, engine)?;
     let mut session = Session::new(&engine.model, args.ctx as usize);
     let mut cancel = None;
     if disk.is_some() {

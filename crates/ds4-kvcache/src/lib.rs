@@ -24,11 +24,14 @@
 //! * [`session`]: `SessionState` as a payload;
 //! * [`identity`]: the model identity of a loaded model;
 //! * [`manager`]: the cache as an engine uses it (server and CLI);
-//! * [`accounting`]: bytes per token of the state, per layer type.
+//! * [`accounting`]: bytes per token of the state, per layer type;
+//! * `cli` (feature `cli`): the `--kv-disk-dir`/`--kv-cache-*` flags of both binaries.
 
 #![warn(missing_docs)]
 
 pub mod accounting;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod error;
 pub mod format;
 pub mod identity;
@@ -39,6 +42,8 @@ pub mod session;
 pub mod store;
 pub mod writer;
 
+#[cfg(feature = "cli")]
+pub use cli::KvCacheArgs;
 pub use error::{Error, Result};
 pub use format::{ModelIdentity, SaveReason};
 pub use identity::model_identity;
