@@ -263,6 +263,19 @@ fn agree_with_candle(c: &mut Criterion) {
     let _ = c;
 }
 
+/// `x` prepared by a table's `prepare` (matrix calls prepare once per call, so the in-cache
+/// benches time the prepared kernels where a table has them).
+fn prepared(
+    p: Option<ds4_quant::simd::PrepareQ8K>,
+    x: &[ds4_quant::BlockQ8K],
+) -> Vec<ds4_quant::simd::BlockQ8KPrep> {
+    let mut xp = vec![bytemuck::Zeroable::zeroed(); x.len()];
+    if let Some(prepare) = p {
+        prepare(x, &mut xp);
+    }
+    xp
+}
+
 /// One 4096-value row, hot in L1, per instruction set: the compute ceiling of each kernel
 /// (`cpu_dot_<format>/<isa>`), independent of memory bandwidth.
 fn dot_in_cache(c: &mut Criterion) {
@@ -285,18 +298,26 @@ fn dot_in_cache(c: &mut Criterion) {
             group.bench_function(isa.name(), |b| match dtype {
                 DType::Iq2Xxs => {
                     let w: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter_custom(|n| {
-                        best_of(n, 64, || {
+                    let xp = prepared(k.iq2xxs_prep.map(|p| p.prepare), &xk);
+                    b.iter_custom(|n| match k.iq2xxs_prep {
+                        Some(p) => best_of(n, 64, || {
+                            black_box((p.dot)(black_box(&w), black_box(&xp)));
+                        }),
+                        None => best_of(n, 64, || {
                             black_box((k.iq2xxs_q8k)(black_box(&w), black_box(&xk)));
-                        })
+                        }),
                     })
                 }
                 DType::Q2K => {
                     let w: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter_custom(|n| {
-                        best_of(n, 64, || {
+                    let xp = prepared(k.q2k_prep.map(|p| p.prepare), &xk);
+                    b.iter_custom(|n| match k.q2k_prep {
+                        Some(p) => best_of(n, 64, || {
+                            black_box((p.dot)(black_box(&w), black_box(&xp)));
+                        }),
+                        None => best_of(n, 64, || {
                             black_box((k.q2k_q8k)(black_box(&w), black_box(&xk)));
-                        })
+                        }),
                     })
                 }
                 DType::Q4K => {
@@ -370,11 +391,16 @@ fn dot8_in_cache(c: &mut Criterion) {
             group.bench_function(isa.name(), |b| {
                 if dtype == DType::Iq2Xxs {
                     let w: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter_custom(|n| {
-                        best_of(n, 64, || {
+                    let xp = prepared(k.iq2xxs_prep.map(|p| p.prepare), &xk);
+                    b.iter_custom(|n| match k.iq2xxs_prep {
+                        Some(p) => best_of(n, 64, || {
+                            (p.dot_n)(black_box(&w), black_box(&xp), &mut out);
+                            black_box(&out);
+                        }),
+                        None => best_of(n, 64, || {
                             (k.iq2xxs_q8k_n)(black_box(&w), black_box(&xk), &mut out);
                             black_box(&out);
-                        })
+                        }),
                     })
                 } else if dtype == DType::Q4K {
                     let w: Vec<BlockQ4K> = bytemuck::pod_collect_to_vec(&w);
@@ -386,11 +412,16 @@ fn dot8_in_cache(c: &mut Criterion) {
                     })
                 } else {
                     let w: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&w);
-                    b.iter_custom(|n| {
-                        best_of(n, 64, || {
+                    let xp = prepared(k.q2k_prep.map(|p| p.prepare), &xk);
+                    b.iter_custom(|n| match k.q2k_prep {
+                        Some(p) => best_of(n, 64, || {
+                            (p.dot_n)(black_box(&w), black_box(&xp), &mut out);
+                            black_box(&out);
+                        }),
+                        None => best_of(n, 64, || {
                             (k.q2k_q8k_n)(black_box(&w), black_box(&xk), &mut out);
                             black_box(&out);
-                        })
+                        }),
                     })
                 }
             });

@@ -42,7 +42,7 @@ use ds4_tensor::DType;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::simd::{self, Kernels};
+use crate::simd::{self, BlockQ8KPrep, Kernels};
 use crate::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, Error, QK_K, QK8_0, Result};
 
 /// Weight bytes a task should cover at least, so that rayon's per-task cost is negligible.
@@ -70,6 +70,8 @@ struct Scratch {
     q8_0: Vec<BlockQ8_0>,
     /// Q8_0 token groups packed for a `q8_0_q8_0_g` kernel: (quants, scales) per group.
     groups: Vec<(Vec<u8>, Vec<f32>)>,
+    /// Q8_K activations prepared for a table's [`simd::Prepared`] kernels.
+    prep: Vec<BlockQ8KPrep>,
 }
 
 thread_local! {
@@ -312,14 +314,44 @@ impl Gemv {
             Some(DType::Q8K) => {
                 quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k, &mut s.q8k);
                 let act = Act::Q8K(&s.q8k);
-                self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.groups)
+                self.run(
+                    dtype,
+                    w,
+                    n_rows,
+                    n_cols,
+                    act,
+                    ys,
+                    &mut s.groups,
+                    &mut s.prep,
+                )
             }
             Some(DType::Q8_0) => {
                 quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0, &mut s.q8_0);
                 let act = Act::Q8_0(&s.q8_0);
-                self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.groups)
+                self.run(
+                    dtype,
+                    w,
+                    n_rows,
+                    n_cols,
+                    act,
+                    ys,
+                    &mut s.groups,
+                    &mut s.prep,
+                )
             }
-            _ => self.run(dtype, w, n_rows, n_cols, Act::F32(xs), ys, &mut s.groups),
+            _ => {
+                let act = Act::F32(xs);
+                self.run(
+                    dtype,
+                    w,
+                    n_rows,
+                    n_cols,
+                    act,
+                    ys,
+                    &mut s.groups,
+                    &mut s.prep,
+                )
+            }
         })
     }
 
@@ -333,8 +365,19 @@ impl Gemv {
         xq: &[BlockQ8K],
         ys: &mut [f32],
     ) -> Result<()> {
-        // No Q8_0 groups to pack: no scratch needed.
-        self.run(dtype, w, n_rows, n_cols, Act::Q8K(xq), ys, &mut Vec::new())
+        with_scratch(|s| {
+            let act = Act::Q8K(xq);
+            self.run(
+                dtype,
+                w,
+                n_rows,
+                n_cols,
+                act,
+                ys,
+                &mut s.groups,
+                &mut s.prep,
+            )
+        })
     }
 
     /// See [`matmul_q8_0`] (and [`matvec_q8_0`], the one-token case).
@@ -348,12 +391,21 @@ impl Gemv {
     ) -> Result<()> {
         with_scratch(|s| {
             let act = Act::Q8_0(xq);
-            self.run(DType::Q8_0, w, n_rows, n_cols, act, ys, &mut s.groups)
+            self.run(
+                DType::Q8_0,
+                w,
+                n_rows,
+                n_cols,
+                act,
+                ys,
+                &mut s.groups,
+                &mut s.prep,
+            )
         })
     }
 
     /// Validates every length, then dispatches on the weight type once per call (`groups`:
-    /// scratch for packed Q8_0 token groups).
+    /// scratch for packed Q8_0 token groups, `prep`: for prepared Q8_K activations).
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -364,6 +416,7 @@ impl Gemv {
         act: Act<'_>,
         ys: &mut [f32],
         groups: &mut Vec<(Vec<u8>, Vec<f32>)>,
+        prep: &mut Vec<BlockQ8KPrep>,
     ) -> Result<()> {
         check_cols(dtype, n_cols)?;
         let (act_dtype, op) = match act {
@@ -406,15 +459,23 @@ impl Gemv {
             row_bytes,
         };
         match (dtype, act) {
-            (DType::Q2K, Act::Q8K(x)) => {
-                m.apply::<BlockQ2K, _>(k.q2k_q8k, k.q2k_q8k_n, x, n_tok, ys)
-            }
+            (DType::Q2K, Act::Q8K(x)) => match k.q2k_prep {
+                Some(p) => {
+                    let xp = prepare_q8k(p.prepare, x, prep);
+                    m.apply::<BlockQ2K, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                }
+                None => m.apply::<BlockQ2K, _>(k.q2k_q8k, k.q2k_q8k_n, x, n_tok, ys),
+            },
             (DType::Q4K, Act::Q8K(x)) => {
                 m.apply::<BlockQ4K, _>(k.q4k_q8k, k.q4k_q8k_n, x, n_tok, ys)
             }
-            (DType::Iq2Xxs, Act::Q8K(x)) => {
-                m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, k.iq2xxs_q8k_n, x, n_tok, ys)
-            }
+            (DType::Iq2Xxs, Act::Q8K(x)) => match k.iq2xxs_prep {
+                Some(p) => {
+                    let xp = prepare_q8k(p.prepare, x, prep);
+                    m.apply::<BlockIq2Xxs, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                }
+                None => m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, k.iq2xxs_q8k_n, x, n_tok, ys),
+            },
             (DType::Q8_0, Act::Q8_0(x)) => match k.q8_0_q8_0_g {
                 Some(g) if n_tok > 1 => {
                     // Each token group's quants packed and scales converted once per call
@@ -464,6 +525,26 @@ impl Gemv {
         }
         Ok(())
     }
+}
+
+/// `x` rearranged by a table's `prepare` into `buf` (split over the pool for big batches;
+/// the blocks are independent, so the split changes no bit).
+fn prepare_q8k<'a>(
+    prepare: simd::PrepareQ8K,
+    x: &[BlockQ8K],
+    buf: &'a mut Vec<BlockQ8KPrep>,
+) -> &'a [BlockQ8KPrep] {
+    buf.clear();
+    buf.resize(x.len(), BlockQ8KPrep::zeroed());
+    let per_task = PREP_VALUES / QK_K;
+    if x.len() > per_task && pool_parallel() {
+        buf.par_chunks_mut(per_task)
+            .zip(x.par_chunks(per_task))
+            .for_each(|(o, x)| prepare(x, o));
+    } else {
+        prepare(x, buf);
+    }
+    buf
 }
 
 /// Checks that `dtype` is a matrix weight type and `n_cols` a whole number of its blocks.

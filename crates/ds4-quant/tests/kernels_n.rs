@@ -58,6 +58,35 @@ fn check_n<W, X>(
     }
 }
 
+/// A table's prepared-activation kernels give exactly the bits of its plain single-row
+/// kernel `k1`, one token at a time and `n` at once (the matrix calls use the prepared ones).
+fn check_prepared<W>(
+    what: &str,
+    kernels: &Kernels,
+    p: simd::Prepared<W>,
+    k1: fn(&[W], &[BlockQ8K]) -> f32,
+    w: &[W],
+    x: &[BlockQ8K],
+    n: usize,
+) {
+    let nb = w.len();
+    let mut xp = vec![bytemuck::Zeroable::zeroed(); x.len()];
+    (p.prepare)(x, &mut xp);
+    let mut out = vec![f32::NAN; n];
+    (p.dot_n)(w, &xp, &mut out);
+    for (t, &got_n) in out.iter().enumerate() {
+        let want = k1(w, &x[t * nb..(t + 1) * nb]).to_bits();
+        let got = (p.dot)(w, &xp[t * nb..(t + 1) * nb]).to_bits();
+        assert_eq!(got, want, "{what} prepared on {:?}: token {t}", kernels.isa);
+        assert_eq!(
+            got_n.to_bits(),
+            want,
+            "{what} prepared _n on {:?}: token {t} of {n}",
+            kernels.isa
+        );
+    }
+}
+
 fn check_all(seed: u64, nb: usize, n: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     // Weights: random bytes with finite scales (every byte pattern is a valid block).
@@ -107,6 +136,12 @@ fn check_all(seed: u64, nb: usize, n: usize) {
         check_n("q2_k", k, k.q2k_q8k, k.q2k_q8k_n, &wq2, &xk, n);
         check_n("q4_k", k, k.q4k_q8k, k.q4k_q8k_n, &wq4, &xk, n);
         check_n("iq2_xxs", k, k.iq2xxs_q8k, k.iq2xxs_q8k_n, &wiq, &xk, n);
+        if let Some(p) = k.q2k_prep {
+            check_prepared("q2_k", k, p, k.q2k_q8k, &wq2, &xk, n);
+        }
+        if let Some(p) = k.iq2xxs_prep {
+            check_prepared("iq2_xxs", k, p, k.iq2xxs_q8k, &wiq, &xk, n);
+        }
         check_n("f16", k, k.f16_f32, k.f16_f32_n, &wh, &xf, n);
         check_n("bf16", k, k.bf16_f32, k.bf16_f32_n, &wb, &xf, n);
         check_n("f32", k, k.f32_f32, k.f32_f32_n, &wf, &xf, n);
@@ -126,6 +161,64 @@ proptest! {
 fn every_token_count_is_bit_identical() {
     for n in 1..=9 {
         check_all(1000 + n as u64, 4, n);
+    }
+}
+
+/// `Gemv::matvec` (which runs the prepared-activation kernels where a table has them) gives
+/// exactly the plain single-row kernel's bits on the activations it quantizes.
+#[test]
+fn matvec_equals_plain_row_kernels() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (n_rows, n_cols) = (19, 1024);
+    let nb = n_cols / QK_K;
+    let mut wq2: Vec<BlockQ2K> = random_blocks(&mut rng, n_rows * nb);
+    for b in &mut wq2 {
+        (b.d, b.dmin) = (scale(&mut rng), scale(&mut rng));
+    }
+    let mut wiq: Vec<BlockIq2Xxs> = random_blocks(&mut rng, n_rows * nb);
+    wiq.iter_mut().for_each(|b| b.d = scale(&mut rng));
+    let xs = random_f32(&mut rng, n_cols);
+    let mut xq = vec![bytemuck::Zeroable::zeroed(); nb];
+    simd::quantize_q8k(&xs, &mut xq);
+    for k in tables() {
+        let g = Gemv::with_kernels(k);
+        let mut y = vec![f32::NAN; n_rows];
+        g.matvec(
+            DType::Q2K,
+            bytemuck::cast_slice(&wq2),
+            n_rows,
+            n_cols,
+            &xs,
+            &mut y,
+        )
+        .expect("matvec");
+        for (r, row) in wq2.chunks_exact(nb).enumerate() {
+            let want = (k.q2k_q8k)(row, &xq);
+            assert_eq!(
+                y[r].to_bits(),
+                want.to_bits(),
+                "q2_k on {:?}: row {r}",
+                k.isa
+            );
+        }
+        g.matvec(
+            DType::Iq2Xxs,
+            bytemuck::cast_slice(&wiq),
+            n_rows,
+            n_cols,
+            &xs,
+            &mut y,
+        )
+        .expect("matvec");
+        for (r, row) in wiq.chunks_exact(nb).enumerate() {
+            let want = (k.iq2xxs_q8k)(row, &xq);
+            assert_eq!(
+                y[r].to_bits(),
+                want.to_bits(),
+                "iq2_xxs on {:?}: row {r}",
+                k.isa
+            );
+        }
     }
 }
 

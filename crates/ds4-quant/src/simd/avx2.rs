@@ -40,6 +40,8 @@ pub(super) static KERNELS: Kernels = Kernels {
     bf16_f32_n: dot_bf16_f32_n,
     f32_f32_n: dot_f32_f32_n,
     q8_0_q8_0_g: None,
+    q2k_prep: None,
+    iq2xxs_prep: None,
 };
 
 dot_n_passes!(dot_q2k_q8k_n, q2k_q8k, BlockQ2K, BlockQ8K);

@@ -55,6 +55,8 @@ pub(super) static KERNELS: Kernels = Kernels {
     bf16_f32_n: super::avx2::KERNELS.bf16_f32_n,
     f32_f32_n: super::avx2::KERNELS.f32_f32_n,
     q8_0_q8_0_g: Some(super::tiles_x86::avx512_q8_0_q8_0_g),
+    q2k_prep: None,
+    iq2xxs_prep: None,
 };
 
 dot_n_passes!(dot_q2k_q8k_n, q2k_q8k, BlockQ2K, BlockQ8K);

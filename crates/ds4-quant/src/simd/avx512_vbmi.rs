@@ -1,56 +1,59 @@
-//! AVX-512 VBMI + GFNI + BITALG kernels for the 2-bit expert formats (Zen 4, Ice Lake and
-//! later): IQ2_XXS and Q2_K, single row and multi-token.
+//! AVX-512 VBMI + GFNI kernels for the 2-bit expert formats (Zen 4, Ice Lake and later):
+//! IQ2_XXS and Q2_K, single row and multi-token, on activations prepared once per matrix
+//! call ([`BlockQ8KPrep`]).
 //!
 //! This table ([`Isa::Avx512Vbmi`]) is the AVX-512 VNNI table with the IQ2_XXS and Q2_K
 //! entries replaced; every other entry is taken from [`super::avx512::KERNELS`].
 //!
-//! IQ2_XXS without scalar work per 8-value chunk. The previous kernels spent most of their
-//! time on 32 scalar table loads per block (address arithmetic plus lane inserts). Here a
-//! whole block is decoded in registers:
-//! * the 32 grid indices of the block are spread to 16-bit lanes with one `vpermb`, and
-//!   looked up in the 256 **compact** grid codes (`KGRID_2BIT_256`: 2 bits per value, 16
-//!   bits per grid point, 8 zmm) with four `vpermi2w` and three mask blends;
-//! * each 64-value step expands its eight codes to bytes with `vpmultishiftqb` (bit pair
-//!   `2i` of a code into byte `i`) and maps the level to its magnitude 8/25/43 with one
-//!   `vgf2p8affineqb`: the map `l -> {8, 25, 43}` is affine over GF(2) in the two level
-//!   bits (`8 ^ 17·b0 ^ 35·b1`), so it needs no table;
-//! * the 7-bit sign codes are cut out with `vpmultishiftqb`, completed to `KSIGNS` bytes
-//!   (bit 7 = parity of bits 0-6) with a second `vgf2p8affineqb`, regrouped with `vpermb`,
-//!   and turned into one 64-bit mask per step with `vpshufbitqmb`; the mask negates the
-//!   activations (`vpsubb` masked);
-//! * `vpmaddubsw` and `vpdpwssd` with the group scales `2L + 1` (spread with `vpermb`) give
-//!   exact i32 sums, as in [`super::avx512`].
+//! Both kernels were compute-bound (IQ2_XXS ~36, Q2_K ~20 cycles per block on Zen 4, where a
+//! zmm shuffle or multiply issues once per cycle). What makes them cheaper: the order of the
+//! 256 terms of a block's dot product is free, so the weights are decoded in the order that
+//! costs least, and the activations are rearranged into that same order once per call
+//! (`prepare`, a few `vpermi2b` per block) instead of the weights once per row.
+//! The order is chosen so that each i32 lane of the `vpdpbusd` accumulator holds terms of
+//! one scale group only, the same group in all four 64-value steps: the four steps chain
+//! into one accumulator and the scales are applied once per block with one `vpmulld`,
+//! where the previous kernels needed `vpmaddubsw` + `vpdpwssd` + a scale shuffle per step.
 //!
-//! About 1.8x the AVX-512 VNNI kernel on Zen 4 (docs/BENCH.md), and still compute-bound:
-//! ~50 vector instructions per 256-value block. Tried and slower: looking the codes up as
-//! bytes for two blocks at once (`vpermi2b` low/high code bytes + `vpunpck[lh]bw`, 0.83x).
+//! IQ2_XXS (FORMATS.md s2.6): chunk `p` (values 8p..8p+8) has a 16-bit grid code (2 bits per
+//! value, `KGRID_2BIT_256`), 8 signs (7 stored, the 8th their parity) and its group's scale.
+//! * the 32 grid indices are spread to 16-bit lanes (`vpermb`) and looked up in the 256 codes
+//!   with four `vpermi2w` and three mask blends; byte `2p + h` of the result holds the levels
+//!   of values `4h..4h + 4` of chunk `p`;
+//! * the sign codes are cut out (`vpmultishiftqb`), completed to `KSIGNS` bytes (bit 7 = the
+//!   parity of bits 0-6, one `vgf2p8affineqb`) and moved next to their levels by two more
+//!   `vpmultishiftqb`, so that one `vpternlogd` builds bytes holding (level, level, sign,
+//!   sign) of two values: a 6-bit index;
+//! * four `vpermb` look those indices up in two 64-entry tables that give the signed weight
+//!   plus 43 (0..86, unsigned, as `vpdpbusd` wants); the 43 · (sum of the activations) this
+//!   adds is taken off by starting each lane at `-43 · bsums` (prepared with the activations);
+//! * step `k` (k = 0..3) then holds value `4h + k` of chunk `p` in byte `2p + h`: lane `j`
+//!   sees values `16j..16j + 16` over the four steps, i.e. group `j / 2`, whose scale
+//!   `2L + 1` is in both halves of qword `j / 2` after one shift and one `vpshufd`.
 //!
-//! Q2_K: the four bit pairs of the 64 weight bytes are extracted straight into contiguous
-//! 64-value runs by `vgf2p8affineqb` with a different bit-select matrix in each 256-bit half
-//! (one instruction per 64 weights, no shift/mask/join); sub-block scales spread by in-lane
-//! `vpshufb` from a broadcast of the 16 scale bytes (no `vpermw`, no widening) and applied
-//! with `vpdpwssd`; `d` and `dmin` converted by one `vcvtph2ps`; two independent integer
-//! chains per block.
+//! Q2_K (FORMATS.md s2.4): lane `j` of every step holds four values of sub-block `j`
+//! (values `16j + 4t..16j + 4t + 4` in step `t`): one `vpermb` gathers the weight bytes of
+//! step `t` (qword `Q` holds bytes of half `Q / 4`) and one `vgf2p8affineqb` with a
+//! per-qword bit-pair matrix extracts bit pair `Q % 4`, i.e. sub-blocks `2Q` and `2Q + 1`;
+//! the 16 sub-block scales multiply the lanes once per block (`vpmulld`); the mins use the
+//! unpermuted `bsums` as before (`vpmaddwd`).
 //!
-//! The multi-token kernels decode each weight block once (everything above except the
-//! activation side) and apply it to up to 8 tokens; each token goes through exactly
-//! the same instruction sequence as in the single-row kernel (same partial sums, same
-//! f32 accumulation, same final reduction), so `out[t]` is bit-identical to the
-//! single-row dot of token `t`. Checked by `tests/kernels_n.rs`.
-//!
-//! One f32 accumulator per token (one pair for Q2_K: scales and mins), not two alternating
-//! ones: a block costs 20 (Q2_K) to 35 (IQ2_XXS) cycles on Zen 4, far more than the FMA
-//! latency, so a second chain hides nothing, and at 8 tokens its registers spilled (the
-//! 8-token kernels got ~5-14% faster without it). It also makes both kernels add the same
-//! exact i32 lanes in the same f32 order as the AVX-512 VNNI table's, so the two tables
-//! give the same bits (unit test `same_bits_as_the_vnni_table`).
+//! All lane sums are exact integers (IQ2_XXS: |lane| < 2^18, times a scale < 32; Q2_K: <
+//! 2^13 times < 16) converted to f32 once per block, so the results equal the scalar
+//! references' up to the order of f32 additions. The multi-token kernels decode each
+//! weight block once and run every token through exactly the single-token sequence, so
+//! `out[t]` is bit-identical to the single-row dot of token `t` (`tests/kernels_n.rs`); the
+//! plain entries (natural Q8_K order) prepare their activations and call the same kernels.
+//! One f32 accumulator per token: a second chain hides nothing at this block cost and its
+//! registers would spill at 8 tokens.
 
 use std::arch::x86_64::*;
+use std::cell::Cell;
 
-use half::f16;
+use bytemuck::Zeroable;
 
 use super::avx2::{f16_to_f32, hsum_ps};
-use super::{Isa, Kernels};
+use super::{BlockQ8KPrep, Isa, Kernels, Prepared};
 use crate::tables::KGRID_2BIT_256;
 use crate::{BlockIq2Xxs, BlockQ2K, BlockQ8K};
 
@@ -62,32 +65,108 @@ pub(super) static KERNELS: Kernels = Kernels {
     iq2xxs_q8k: dot_iq2xxs_q8k,
     q2k_q8k_n: dot_q2k_q8k_n,
     iq2xxs_q8k_n: dot_iq2xxs_q8k_n,
+    q2k_prep: Some(Prepared {
+        prepare: prepare_q2k,
+        dot: dot_q2k_prep,
+        dot_n: dot_q2k_prep_n,
+    }),
+    iq2xxs_prep: Some(Prepared {
+        prepare: prepare_iq2xxs,
+        dot: dot_iq2xxs_prep,
+        dot_n: dot_iq2xxs_prep_n,
+    }),
     ..super::avx512::KERNELS
 };
 
 // The safe wrappers below are only reachable through `KERNELS`, which `Kernels::for_isa`
 // returns only when `Isa::Avx512Vbmi.is_supported()` (all features detected at run time).
 
-fn dot_q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
-    assert_eq!(w.len(), x.len(), "dot_q2k_q8k: length mismatch");
+fn prepare_q2k(x: &[BlockQ8K], out: &mut [BlockQ8KPrep]) {
+    assert_eq!(x.len(), out.len(), "prepare_q2k: length mismatch");
+    for (b, o) in x.iter().zip(out) {
+        // SAFETY: the CPU supports the features of this table (see KERNELS).
+        unsafe { prep_block(b, &Q2K_PREP, 0, o) };
+    }
+}
+
+fn prepare_iq2xxs(x: &[BlockQ8K], out: &mut [BlockQ8KPrep]) {
+    assert_eq!(x.len(), out.len(), "prepare_iq2xxs: length mismatch");
+    for (b, o) in x.iter().zip(out) {
+        // SAFETY: the CPU supports the features of this table (see KERNELS).
+        unsafe { prep_block(b, &IQ2_PREP, -IQ2_OFFSET, o) };
+    }
+}
+
+fn dot_q2k_prep(w: &[BlockQ2K], x: &[BlockQ8KPrep]) -> f32 {
+    assert_eq!(w.len(), x.len(), "dot_q2k_prep: length mismatch");
     let mut out = [0.0];
     // SAFETY: the CPU supports the features of this table (see KERNELS); x holds exactly
     // one token of w.len() blocks.
-    unsafe { q2k_q8k_n::<1>(w, x, &mut out) };
+    unsafe { q2k_n::<1>(w, x, &mut out) };
     out[0]
+}
+
+fn dot_iq2xxs_prep(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep]) -> f32 {
+    assert_eq!(w.len(), x.len(), "dot_iq2xxs_prep: length mismatch");
+    let mut out = [0.0];
+    // SAFETY: the CPU supports the features of this table (see KERNELS); x holds exactly
+    // one token of w.len() blocks.
+    unsafe { iq2xxs_n::<1>(w, x, &mut out) };
+    out[0]
+}
+
+dot_n_passes!(dot_q2k_prep_n, q2k_n, BlockQ2K, BlockQ8KPrep);
+dot_n_passes!(dot_iq2xxs_prep_n, iq2xxs_n, BlockIq2Xxs, BlockQ8KPrep);
+
+fn dot_q2k_q8k(w: &[BlockQ2K], x: &[BlockQ8K]) -> f32 {
+    assert_eq!(w.len(), x.len(), "dot_q2k_q8k: length mismatch");
+    with_prepared(x, prepare_q2k, |xp| dot_q2k_prep(w, xp))
 }
 
 fn dot_iq2xxs_q8k(w: &[BlockIq2Xxs], x: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_iq2xxs_q8k: length mismatch");
-    let mut out = [0.0];
-    // SAFETY: the CPU supports the features of this table (see KERNELS); x holds exactly
-    // one token of w.len() blocks.
-    unsafe { iq2xxs_q8k_n::<1>(w, x, &mut out) };
-    out[0]
+    with_prepared(x, prepare_iq2xxs, |xp| dot_iq2xxs_prep(w, xp))
 }
 
-dot_n_passes!(dot_q2k_q8k_n, q2k_q8k_n, BlockQ2K, BlockQ8K);
-dot_n_passes!(dot_iq2xxs_q8k_n, iq2xxs_q8k_n, BlockIq2Xxs, BlockQ8K);
+fn dot_q2k_q8k_n(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        w.len() * out.len(),
+        "dot_q2k_q8k_n: length mismatch"
+    );
+    with_prepared(x, prepare_q2k, |xp| dot_q2k_prep_n(w, xp, out))
+}
+
+fn dot_iq2xxs_q8k_n(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        w.len() * out.len(),
+        "dot_iq2xxs_q8k_n: length mismatch"
+    );
+    with_prepared(x, prepare_iq2xxs, |xp| dot_iq2xxs_prep_n(w, xp, out))
+}
+
+thread_local! {
+    /// Prepared activations of the plain (natural Q8_K order) entries, reused across calls;
+    /// taken out for a call and put back after it.
+    static PREP: Cell<Vec<BlockQ8KPrep>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on `x` prepared by `prepare` (the plain entries: tests and one-off dots; matrix
+/// calls prepare once per call instead, see `gemv`).
+fn with_prepared<R>(
+    x: &[BlockQ8K],
+    prepare: super::PrepareQ8K,
+    f: impl FnOnce(&[BlockQ8KPrep]) -> R,
+) -> R {
+    let mut buf = PREP.take();
+    buf.clear();
+    buf.resize(x.len(), BlockQ8KPrep::zeroed());
+    prepare(x, &mut buf);
+    let r = f(&buf);
+    PREP.set(buf);
+    r
+}
 
 /// Loads 64 bytes at `p[at..at + 64]`.
 #[inline]
@@ -121,45 +200,82 @@ const fn gf2_matrix(rows: [u8; 8]) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// IQ2_XXS x Q8_K.
-//
-// Layout of the looked-up codes: 16-bit lane `p = 4q + r` holds the grid code of chunk
-// `n = 8r + q` (chunk n = values 8n..8n+8 of the block), so that qword `q` holds the codes
-// of chunks q, 8+q, 16+q, 24+q: step `r` (values 64r..64r+64) finds chunk 8r+q in qword q,
-// which is what the qword-local `vpmultishiftqb` needs.
+// Activation preparation.
 
-/// `vpermb` indices (16-bit lanes, high byte masked to zero) from the 64 `qs` bytes to the
-/// grid index of each code lane (chunk `n` of group `n / 4` sits at byte `8(n / 4) + n % 4`).
+/// The weight magnitude offset of the IQ2_XXS kernel: signed grid values (-43..43) plus 43
+/// are unsigned bytes, as `vpdpbusd` needs.
+const IQ2_OFFSET: i32 = 43;
+
+/// Source positions of the IQ2_XXS order: step `k`, byte `b` holds value
+/// `8 (b / 2) + 4 (b % 2) + k` (chunk `b / 2`, value `4 (b % 2) + k` of the chunk).
+static IQ2_PREP: [[u8; 64]; 4] = {
+    let mut out = [[0u8; 64]; 4];
+    let mut k = 0;
+    while k < 4 {
+        let mut b = 0;
+        while b < 64 {
+            out[k][b] = (8 * (b / 2) + 4 * (b % 2) + k) as u8;
+            b += 1;
+        }
+        k += 1;
+    }
+    out
+};
+
+/// Source positions of the Q2_K order: step `t`, lane `j` (bytes `4j..4j + 4`) holds values
+/// `16j + 4t..16j + 4t + 4` (four values of sub-block `j`).
+static Q2K_PREP: [[u8; 64]; 4] = {
+    let mut out = [[0u8; 64]; 4];
+    let mut t = 0;
+    while t < 4 {
+        let mut b = 0;
+        while b < 64 {
+            out[t][b] = (16 * (b / 4) + 4 * t + b % 4) as u8;
+            b += 1;
+        }
+        t += 1;
+    }
+    out
+};
+
+/// One block in a kernel's order: `qs[64s + b] = x.qs[idx[s][b]]`, lane biases
+/// `bias_per_sum · bsums`, `bsums` and `d` copied.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+fn prep_block(x: &BlockQ8K, idx: &[[u8; 64]; 4], bias_per_sum: i32, out: &mut BlockQ8KPrep) {
+    let v = [0, 64, 128, 192].map(|at| load512(&x.qs, at));
+    for (s, ix) in idx.iter().enumerate() {
+        // Index bits 0-6 pick one of 128 bytes of a source pair, bit 7 the pair.
+        let i = table(ix);
+        let lo = _mm512_permutex2var_epi8(v[0], i, v[1]);
+        let hi = _mm512_permutex2var_epi8(v[2], i, v[3]);
+        let r = _mm512_mask_mov_epi8(lo, _mm512_movepi8_mask(i), hi);
+        // SAFETY: `out.qs` has 256 bytes, this stores 64 at `64s`; no alignment needed.
+        unsafe { _mm512_storeu_si512(out.qs.as_mut_ptr().add(64 * s).cast(), r) };
+    }
+    for (b, &s) in out.bias.iter_mut().zip(&x.bsums) {
+        *b = bias_per_sum * i32::from(s);
+    }
+    out.bsums = x.bsums;
+    out.d = x.d;
+}
+
+// ---------------------------------------------------------------------------------------
+// IQ2_XXS.
+
+/// `vpermb` spreading the grid index of chunk `p` (byte `8 (p / 4) + p % 4` of `qs`) to
+/// both bytes of 16-bit lane `p` (the high copy puts index bit 7 at the lane's sign bit).
 static IQ2_IDX_PERM: [u8; 64] = {
     let mut out = [0u8; 64];
     let mut p = 0;
     while p < 32 {
-        let n = 8 * (p % 4) + p / 4;
-        out[2 * p] = (8 * (n / 4) + n % 4) as u8;
+        let src = (8 * (p / 4) + p % 4) as u8;
+        out[2 * p] = src;
+        out[2 * p + 1] = src;
         p += 1;
     }
     out
 };
-
-/// `vpmultishiftqb` controls of step `r`: byte `i` of qword `q` starts at bit `2i` of code
-/// lane `r` of that qword (the level of value `i` lands in bits 0-1).
-static IQ2_EXP_CTRL: [[u8; 64]; 4] = {
-    let mut out = [[0u8; 64]; 4];
-    let mut r = 0;
-    while r < 4 {
-        let mut b = 0;
-        while b < 64 {
-            out[r][b] = (16 * r + 2 * (b % 8)) as u8;
-            b += 1;
-        }
-        r += 1;
-    }
-    out
-};
-
-/// Level bits (b0, b1) -> magnitude `8 ^ 17·b0 ^ 35·b1` (0 -> 8, 1 -> 25, 2 -> 43), with
-/// the constant 8 as the instruction's immediate. Bits 2-7 of the input are ignored.
-const IQ2_LEVEL_MATRIX: u64 = gf2_matrix([0b11, 0b10, 0, 0, 0b01, 0b10, 0, 0]);
 
 /// `vpmultishiftqb` control cutting the four 7-bit sign codes of a group (bits 32 + 7c of
 /// its qword) into bytes 0-3; bytes 4-7 are unused.
@@ -178,50 +294,41 @@ static IQ2_SIGN_CTRL: [u8; 64] = {
 /// byte (FORMATS.md s2.6: the eighth sign makes the count of negatives even).
 const IQ2_PARITY_MATRIX: u64 = gf2_matrix([1, 2, 4, 8, 16, 32, 64, 0x7F]);
 
-/// `vpermb` regrouping the sign bytes (byte `8g + c`: chunk c of group g) so that byte
-/// `8q + r` holds the sign byte of chunk `8r + q`; bytes `8q + 4..8q + 8` are unused.
-static IQ2_SIGN_PERM: [u8; 64] = {
-    let mut out = [0u8; 64];
-    let mut q = 0;
-    while q < 8 {
-        let mut r = 0;
-        while r < 4 {
-            out[8 * q + r] = (8 * (2 * r + q / 4) + q % 4) as u8;
-            r += 1;
-        }
-        q += 1;
-    }
-    out
-};
-
-/// `vpshufbitqmb` controls of step `r`: mask bit `8q + i` = bit `i` of byte `r` of qword q.
-static IQ2_SIGN_BITS: [[u8; 64]; 4] = {
-    let mut out = [[0u8; 64]; 4];
-    let mut r = 0;
-    while r < 4 {
+/// `vpmultishiftqb` controls moving sign bits next to the levels: byte `2c + h` of a qword
+/// (chunk `c` of the group, half `h`) gets, in bits 4 and 5, the signs of values `4h + e`
+/// and `4h + e + 1` of the chunk (`KSIGNS` byte `c` of the qword, bits `4h + e`), for
+/// `e = 0` (`[0]`) and `e = 2` (`[1]`). Bits 0-3 (and 6-7) are don't-care.
+static IQ2_SIGN_MOVE: [[u8; 64]; 2] = {
+    let mut out = [[0u8; 64]; 2];
+    let mut s = 0;
+    while s < 2 {
         let mut b = 0;
         while b < 64 {
-            out[r][b] = (8 * r + b % 8) as u8;
+            let (c, h) = ((b % 8) / 2, b % 2);
+            out[s][b] = ((8 * c + 4 * h + 2 * s + 64 - 4) % 64) as u8;
             b += 1;
         }
-        r += 1;
+        s += 1;
     }
     out
 };
 
-/// `vpermb` indices spreading the group scales (byte 0 of qword g, byte 1 is zero) as i16
-/// over the 32 pair sums of step `r` (groups 2r and 2r + 1, 16 pair sums each).
-static IQ2_SCALE_PERM: [[u16; 32]; 4] = {
-    let mut out = [[0u16; 32]; 4];
-    let mut r = 0;
-    while r < 4 {
-        let mut w = 0;
-        while w < 32 {
-            let g = 2 * r + w / 16;
-            out[r][w] = ((8 * g) | ((8 * g + 1) << 8)) as u16;
-            w += 1;
+/// The two 64-entry weight tables: index bits 0-1 (`[0]`) or 2-3 (`[1]`) are a level
+/// (0, 1, 2 -> 8, 25, 43), bit 4 (`[0]`) or 5 (`[1]`) its sign; the entry is the signed
+/// value plus [`IQ2_OFFSET`]. Level 3 never occurs in a grid code.
+static IQ2_WEIGHT_LUT: [[u8; 64]; 2] = {
+    const MAG: [i32; 4] = [8, 25, 43, 0];
+    let mut out = [[0u8; 64]; 2];
+    let mut s = 0;
+    while s < 2 {
+        let mut i = 0;
+        while i < 64 {
+            let mag = MAG[(i >> (2 * s)) & 3];
+            let v = if (i >> (4 + s)) & 1 == 1 { -mag } else { mag };
+            out[s][i] = (v + IQ2_OFFSET) as u8;
+            i += 1;
         }
-        r += 1;
+        s += 1;
     }
     out
 };
@@ -231,13 +338,10 @@ static IQ2_SCALE_PERM: [[u16; 32]; 4] = {
 struct Iq2Consts {
     grid: [__m512i; 8],
     idx_perm: __m512i,
-    exp_ctrl: [__m512i; 4],
-    level: __m512i,
     sign_ctrl: __m512i,
     parity: __m512i,
-    sign_perm: __m512i,
-    sign_bits: [__m512i; 4],
-    scale_perm: [__m512i; 4],
+    sign_move: [__m512i; 2],
+    lut: [__m512i; 2],
 }
 
 impl Iq2Consts {
@@ -253,125 +357,105 @@ impl Iq2Consts {
         Iq2Consts {
             grid,
             idx_perm: table(&IQ2_IDX_PERM),
-            exp_ctrl: IQ2_EXP_CTRL.map(|t| table(&t)),
-            level: _mm512_set1_epi64(IQ2_LEVEL_MATRIX as i64),
             sign_ctrl: table(&IQ2_SIGN_CTRL),
             parity: _mm512_set1_epi64(IQ2_PARITY_MATRIX as i64),
-            sign_perm: table(&IQ2_SIGN_PERM),
-            sign_bits: IQ2_SIGN_BITS.map(|t| table(&t)),
-            scale_perm: IQ2_SCALE_PERM.map(|t| table(&t)),
+            sign_move: IQ2_SIGN_MOVE.map(|t| table(&t)),
+            lut: IQ2_WEIGHT_LUT.map(|t| table(&t)),
         }
     }
 }
 
-/// One IQ2_XXS block decoded for the activation side: magnitudes (u8) of the four 64-value
-/// steps, their sign masks, and the group scales `2L + 1` spread over the pair sums.
+/// One IQ2_XXS block decoded for the activation side: the four steps' weights plus 43
+/// (u8), the group scale `2L + 1` of each i32 lane, and `d / 8`.
 #[derive(Clone, Copy)]
 struct Iq2Block {
-    mag: [__m512i; 4],
-    neg: [__mmask64; 4],
-    scale: [__m512i; 4],
+    w: [__m512i; 4],
+    scale: __m512i,
     d: f32,
 }
 
-/// The 32 grid codes of a block (16-bit lanes in the order the steps need, see above).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-fn iq2_codes(c: &Iq2Consts, qs: __m512i) -> __m512i {
-    // Grid indices to 16-bit lanes, then four 64-entry `vpermi2w` lookups (index bits 0-5)
-    // chosen by index bits 6 and 7.
-    let idx = _mm512_maskz_permutexvar_epi8(0x5555_5555_5555_5555, c.idx_perm, qs);
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,f16c")]
+fn iq2_decode(c: &Iq2Consts, bw: &BlockIq2Xxs) -> Iq2Block {
+    let qs = load512(&bw.qs, 0);
+    // Grid codes: four 64-entry `vpermi2w` lookups (index bits 0-5), chosen by bits 6, 7.
+    let idx = _mm512_permutexvar_epi8(c.idx_perm, qs);
     let r0 = _mm512_permutex2var_epi16(c.grid[0], idx, c.grid[1]);
     let r1 = _mm512_permutex2var_epi16(c.grid[2], idx, c.grid[3]);
     let r2 = _mm512_permutex2var_epi16(c.grid[4], idx, c.grid[5]);
     let r3 = _mm512_permutex2var_epi16(c.grid[6], idx, c.grid[7]);
     let b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
-    let b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+    let b7 = _mm512_movepi16_mask(idx);
     let lo = _mm512_mask_mov_epi16(r0, b6, r1);
     let hi = _mm512_mask_mov_epi16(r2, b6, r3);
-    _mm512_mask_mov_epi16(lo, b7, hi)
-}
+    let code = _mm512_mask_mov_epi16(lo, b7, hi);
 
-/// Decodes one block from its `qs` and its grid codes (from [`iq2_codes`]).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bitalg,gfni,avx2,f16c")]
-fn iq2_decode(c: &Iq2Consts, qs: __m512i, codes: __m512i, d: f16) -> Iq2Block {
-    let mag = std::array::from_fn(|r| {
-        _mm512_gf2p8affine_epi64_epi8::<8>(
-            _mm512_multishift_epi64_epi8(c.exp_ctrl[r], codes),
-            c.level,
-        )
-    });
-
-    // Signs: KSIGNS bytes of all 32 chunks, regrouped per step, then bit masks.
-    let sb =
+    // KSIGNS bytes of the group's chunks in bytes 0-3 of each qword, then moved into
+    // bits 4-5 next to the levels of the same values.
+    let signs =
         _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_multishift_epi64_epi8(c.sign_ctrl, qs), c.parity);
-    let sb = _mm512_permutexvar_epi8(c.sign_perm, sb);
-    let neg = std::array::from_fn(|r| _mm512_bitshuffle_epi64_mask(sb, c.sign_bits[r]));
+    let sa = _mm512_multishift_epi64_epi8(c.sign_move[0], signs);
+    let sb = _mm512_multishift_epi64_epi8(c.sign_move[1], signs);
+    // Bits 0-3 from the levels (values 4h, 4h + 1 / 4h + 2, 4h + 3), bits 4-7 from signs.
+    let low4 = _mm512_set1_epi8(0x0F);
+    let ia = _mm512_ternarylogic_epi32::<0xCA>(low4, code, sa);
+    let ib = _mm512_ternarylogic_epi32::<0xCA>(low4, _mm512_srli_epi16::<4>(code), sb);
+    let w = [
+        _mm512_permutexvar_epi8(ia, c.lut[0]),
+        _mm512_permutexvar_epi8(ia, c.lut[1]),
+        _mm512_permutexvar_epi8(ib, c.lut[0]),
+        _mm512_permutexvar_epi8(ib, c.lut[1]),
+    ];
 
-    // Group scales 2L + 1 (L = the top 4 bits of each group's qword): bits 59-63, with
-    // bit 0 (a sign bit) forced to 1.
+    // Group scales 2L + 1 (L = the top 4 bits of each group's qword: bits 59-63, bit 0 (a
+    // sign bit) forced to 1), copied to both i32 lanes of the qword.
     let s = _mm512_or_si512(_mm512_srli_epi64::<59>(qs), _mm512_set1_epi64(1));
-    let scale = std::array::from_fn(|r| _mm512_permutexvar_epi8(c.scale_perm[r], s));
     Iq2Block {
-        mag,
-        neg,
-        scale,
-        d: 0.125 * f16_to_f32(d),
+        w,
+        scale: _mm512_shuffle_epi32::<0xA0>(s),
+        d: 0.125 * f16_to_f32(bw.d),
     }
 }
 
-/// The exact i32 partial sums of one decoded block against one activation block.
+/// The exact i32 lane sums (scaled) of one decoded block against one prepared block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn iq2_token(b: &Iq2Block, bx: &BlockQ8K) -> __m512i {
-    let zero = _mm512_setzero_si512();
-    let mut s = [zero; 2];
-    for r in 0..4 {
-        let q8 = load512(&bx.qs, 64 * r);
-        let q8 = _mm512_mask_sub_epi8(q8, b.neg[r], zero, q8);
-        let p = _mm512_maddubs_epi16(b.mag[r], q8);
-        s[r & 1] = _mm512_dpwssd_epi32(s[r & 1], p, b.scale[r]);
+fn iq2_token(b: &Iq2Block, bx: &BlockQ8KPrep) -> __m512i {
+    let mut acc = table(&bx.bias);
+    for (k, w) in b.w.iter().enumerate() {
+        acc = _mm512_dpbusd_epi32(acc, *w, load512(&bx.qs, 64 * k));
     }
-    _mm512_add_epi32(s[0], s[1])
-}
-
-/// Block `i` (decoded) against block `i` of every token: `acc[t] += d · sumi`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn iq2_tokens<const NT: usize>(
-    b: &Iq2Block,
-    x: &[BlockQ8K],
-    nb: usize,
-    i: usize,
-    acc: &mut [__m512; NT],
-) {
-    for (t, a) in acc.iter_mut().enumerate() {
-        let bx = &x[t * nb + i];
-        let sumi = iq2_token(b, bx);
-        let d = _mm512_set1_ps(b.d * bx.d);
-        *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *a);
-    }
+    _mm512_mullo_epi32(acc, b.scale)
 }
 
 /// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens.
 ///
 /// # Safety
 /// The CPU must support the features of this table; `x.len() == w.len() * out.len()`.
-#[target_feature(
-    enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,gfni,avx2,fma,f16c"
-)]
-unsafe fn iq2xxs_q8k_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")]
+unsafe fn iq2xxs_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep], out: &mut [f32]) {
     let nb = w.len();
     assert!(out.len() == NT && x.len() == nb * NT);
     let c = Iq2Consts::load();
-    // One accumulator per token: a block costs ~35 cycles, far more than the FMA latency,
-    // so a second (parity) chain buys nothing and its registers spill at 8 tokens.
     let mut acc = [_mm512_setzero_ps(); NT];
-    for (i, bw) in w.iter().enumerate() {
-        let qs = load512(&bw.qs, 0);
-        let b = iq2_decode(&c, qs, iq2_codes(&c, qs), bw.d);
-        iq2_tokens(&b, x, nb, i, &mut acc);
+    let Some(first) = w.first() else {
+        out.fill(0.0);
+        return;
+    };
+    // Software-pipelined: block i + 1 is decoded (a long dependent chain) before block i's
+    // token math is issued, so the two overlap; in plain order the scheduler filled up
+    // with one block's chain and the kernel ran at its latency.
+    let mut next = iq2_decode(&c, first);
+    for i in 0..nb {
+        let b = next;
+        if i + 1 < nb {
+            next = iq2_decode(&c, &w[i + 1]);
+        }
+        for (t, a) in acc.iter_mut().enumerate() {
+            let bx = &x[t * nb + i];
+            let sumi = iq2_token(&b, bx);
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(b.d * bx.d), _mm512_cvtepi32_ps(sumi), *a);
+        }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = _mm512_reduce_add_ps(*a);
@@ -379,44 +463,23 @@ unsafe fn iq2xxs_q8k_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8K], out: 
 }
 
 // ---------------------------------------------------------------------------------------
-// Q2_K x Q8_K: dx * (d * sum_s sc_s * sum q2*q8 - dmin * sum_s m_s * bsums_s).
+// Q2_K: dx * (d * sum_j sc_j * sum q2*q8 - dmin * sum_j m_j * bsums_j).
 
 /// Bit pair `2k` of every byte into bits 0-1 (other bits cleared).
 const fn q2k_pair(k: usize) -> u64 {
     gf2_matrix([1 << (2 * k), 1 << (2 * k + 1), 0, 0, 0, 0, 0, 0])
 }
 
-/// Per-qword `vgf2p8affineqb` matrices: with the 32 bytes of one half block in both 256-bit
-/// halves, `[0]` extracts bit pair 0 (low half) and 1 (high half): values 128h .. 128h + 64;
-/// `[1]` bit pairs 2 and 3: values 128h + 64 .. 128h + 128.
-static Q2K_PAIR_MATRIX: [[u64; 8]; 2] = {
-    let mut out = [[0u64; 8]; 2];
-    let mut s = 0;
-    while s < 2 {
-        let mut q = 0;
-        while q < 8 {
-            out[s][q] = q2k_pair(2 * s + q / 4);
-            q += 1;
-        }
-        s += 1;
-    }
-    out
-};
-
-/// `vpshufb` controls spreading the sub-block scales as i16 over the 32 pair sums of step
-/// `t` (values 64t .. 64t + 64): 128-bit lane `L` holds the 8 pair sums of sub-block
-/// `4t + L`, and every lane of the source holds all 16 scale bytes (high bytes zeroed).
-static Q2K_SCALE_SHUF: [[u8; 64]; 4] = {
+/// `vpermb` of step `t`: qword `Q` gets the weight bytes `32h + 4t..32h + 4t + 4` and
+/// `32h + 16 + 4t..32h + 16 + 4t + 4` of half `h = Q / 4`.
+static Q2K_STEP_PERM: [[u8; 64]; 4] = {
     let mut out = [[0u8; 64]; 4];
     let mut t = 0;
     while t < 4 {
         let mut b = 0;
         while b < 64 {
-            out[t][b] = if b % 2 == 0 {
-                (4 * t + b / 16) as u8
-            } else {
-                0x80
-            };
+            let (q, i) = (b / 8, b % 8);
+            out[t][b] = (32 * (q / 4) + 16 * (i / 4) + 4 * t + i % 4) as u8;
             b += 1;
         }
         t += 1;
@@ -424,13 +487,25 @@ static Q2K_SCALE_SHUF: [[u8; 64]; 4] = {
     out
 };
 
+/// Per-qword `vgf2p8affineqb` matrices: qword `Q` extracts bit pair `Q % 4`, so lane
+/// `2Q + e` holds values of sub-block `8 (Q / 4) + 2 (Q % 4) + e = 2Q + e`.
+static Q2K_LANE_MATRIX: [u64; 8] = {
+    let mut out = [0u64; 8];
+    let mut q = 0;
+    while q < 8 {
+        out[q] = q2k_pair(q % 4);
+        q += 1;
+    }
+    out
+};
+
 /// One Q2_K block decoded for the activation side.
 #[derive(Clone, Copy)]
 struct Q2kBlock {
-    /// Quants 0..3 (u8) of the four 64-value steps.
+    /// Quants 0..3 (u8) of the four steps.
     q: [__m512i; 4],
-    /// Sub-block scales spread over the pair sums of each step.
-    scale: [__m512i; 4],
+    /// The 16 sub-block scales, one per i32 lane.
+    scale: __m512i,
     /// The 16 mins as i16.
     mins: __m256i,
     /// `[d, dmin, 0, 0]` as f32.
@@ -438,69 +513,62 @@ struct Q2kBlock {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,f16c")]
-fn q2k_decode(pair: &[__m512i; 2], shuf: &[__m512i; 4], bw: &BlockQ2K) -> Q2kBlock {
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,f16c")]
+fn q2k_decode(perm: &[__m512i; 4], lanes: __m512i, bw: &BlockQ2K) -> Q2kBlock {
     let m4 = _mm_set1_epi8(0x0F);
-    // SAFETY: `scales` is 16 bytes, each half of `qs` 32 bytes; unaligned loads.
-    let (sm, h0, h1) = unsafe {
-        (
-            _mm_loadu_si128(bw.scales.as_ptr().cast()),
-            _mm256_loadu_si256(bw.qs.as_ptr().cast()),
-            _mm256_loadu_si256(bw.qs.as_ptr().add(32).cast()),
-        )
-    };
-    let sc = _mm512_and_si512(_mm512_broadcast_i32x4(sm), _mm512_set1_epi8(0x0F));
-    let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
-    let (t0, t1) = (_mm512_broadcast_i64x4(h0), _mm512_broadcast_i64x4(h1));
+    // SAFETY: `scales` is 16 bytes; unaligned load.
+    let sm = unsafe { _mm_loadu_si128(bw.scales.as_ptr().cast()) };
+    let qs = load512(&bw.qs, 0);
     Q2kBlock {
-        q: [
-            _mm512_gf2p8affine_epi64_epi8::<0>(t0, pair[0]),
-            _mm512_gf2p8affine_epi64_epi8::<0>(t0, pair[1]),
-            _mm512_gf2p8affine_epi64_epi8::<0>(t1, pair[0]),
-            _mm512_gf2p8affine_epi64_epi8::<0>(t1, pair[1]),
-        ],
-        scale: std::array::from_fn(|t| _mm512_shuffle_epi8(sc, shuf[t])),
-        mins,
+        q: std::array::from_fn(|t| {
+            _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_permutexvar_epi8(perm[t], qs), lanes)
+        }),
+        scale: _mm512_cvtepu8_epi32(_mm_and_si128(sm, m4)),
+        mins: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4)),
         dd: _mm_cvtph_ps(_mm_cvtsi32_si128(
             i32::from(bw.d.to_bits()) | i32::from(bw.dmin.to_bits()) << 16,
         )),
     }
 }
 
-/// The exact i32 partial sums (scale part, min part) of one decoded block against one
-/// activation block.
+/// The exact i32 partial sums (scale part per sub-block lane, min part) of one decoded
+/// block against one prepared block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-fn q2k_token(b: &Q2kBlock, bx: &BlockQ8K) -> (__m512i, __m256i) {
+fn q2k_token(b: &Q2kBlock, bx: &BlockQ8KPrep) -> (__m512i, __m256i) {
     // SAFETY: `bsums` is 16 i16 = 32 bytes; unaligned load.
     let bsums = unsafe { _mm256_loadu_si256(bx.bsums.as_ptr().cast()) };
     let mins = _mm256_madd_epi16(b.mins, bsums);
-    let mut s = [_mm512_setzero_si512(); 2];
-    for t in 0..4 {
-        let p = _mm512_maddubs_epi16(b.q[t], load512(&bx.qs, 64 * t));
-        s[t & 1] = _mm512_dpwssd_epi32(s[t & 1], p, b.scale[t]);
+    let mut acc = _mm512_setzero_si512();
+    for (t, q) in b.q.iter().enumerate() {
+        acc = _mm512_dpbusd_epi32(acc, *q, load512(&bx.qs, 64 * t));
     }
-    (_mm512_add_epi32(s[0], s[1]), mins)
+    (_mm512_mullo_epi32(acc, b.scale), mins)
 }
 
 /// `out[t] = dot(w, x[t * nb..(t + 1) * nb])` for `NT == out.len()` tokens.
 ///
 /// # Safety
 /// The CPU must support the features of this table; `x.len() == w.len() * out.len()`.
-#[target_feature(
-    enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,gfni,avx2,fma,f16c"
-)]
-unsafe fn q2k_q8k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8K], out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")]
+unsafe fn q2k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8KPrep], out: &mut [f32]) {
     let nb = w.len();
     assert!(out.len() == NT && x.len() == nb * NT);
-    let pair = Q2K_PAIR_MATRIX.map(|m| table(&m));
-    let shuf = Q2K_SCALE_SHUF.map(|m| table(&m));
-    // One accumulator pair per token: a block costs ~20 cycles, far more than the FMA
-    // latency, so parity chains buy nothing and their registers spill at 8 tokens.
+    let perm = Q2K_STEP_PERM.map(|m| table(&m));
+    let lanes = table(&Q2K_LANE_MATRIX);
     let mut acc = [_mm512_setzero_ps(); NT];
     let mut acc_m = [_mm256_setzero_ps(); NT];
-    for (i, bw) in w.iter().enumerate() {
-        let b = q2k_decode(&pair, &shuf, bw);
+    let Some(first) = w.first() else {
+        out.fill(0.0);
+        return;
+    };
+    // Software-pipelined as in `iq2xxs_n`.
+    let mut next = q2k_decode(&perm, lanes, first);
+    for i in 0..nb {
+        let b = next;
+        if i + 1 < nb {
+            next = q2k_decode(&perm, lanes, &w[i + 1]);
+        }
         for (t, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
             let bx = &x[t * nb + i];
             let (sumi, mins) = q2k_token(&b, bx);
@@ -522,20 +590,18 @@ mod tests {
     use super::*;
     use crate::tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
 
-    /// The GF(2) level map and parity matrices, checked on every byte in plain Rust.
+    /// A `vgf2p8affineqb` on one byte, in plain Rust.
+    fn affine(m: u64, x: u8, imm: u8) -> u8 {
+        (0..8).fold(0u8, |acc, i| {
+            let row = (m >> (8 * (7 - i))) as u8;
+            acc | ((((row & x).count_ones() & 1) as u8) << i)
+        }) ^ imm
+    }
+
+    /// The GF(2) parity and bit-pair matrices, checked on every byte.
     #[test]
     fn gf2_matrices_do_what_they_say() {
-        fn affine(m: u64, x: u8, imm: u8) -> u8 {
-            (0..8).fold(0u8, |acc, i| {
-                let row = (m >> (8 * (7 - i))) as u8;
-                acc | ((((row & x).count_ones() & 1) as u8) << i)
-            }) ^ imm
-        }
         for x in 0..=255u8 {
-            // Level 3 never occurs in a grid code.
-            if let Some(&want) = [8u8, 25, 43].get(usize::from(x & 3)) {
-                assert_eq!(affine(IQ2_LEVEL_MATRIX, x, 8), want, "level {x}");
-            }
             assert_eq!(
                 affine(IQ2_PARITY_MATRIX, x, 0),
                 KSIGNS_IQ2XS[usize::from(x & 127)],
@@ -549,76 +615,63 @@ mod tests {
                 );
             }
         }
-        // And the level map agrees with the byte grid it replaces.
+    }
+
+    /// The weight tables give the byte grid's value with its sign, plus the offset, for
+    /// every grid point, value and sign.
+    #[test]
+    fn weight_tables_match_the_grid() {
         for (k, &code) in KGRID_2BIT_256.iter().enumerate() {
             for i in 0..8 {
-                let l = ((code >> (2 * i)) & 3) as u8;
+                let level = usize::from((code >> (2 * i)) as u8 & 3);
+                let want = i32::from((IQ2XXS_GRID[k] >> (8 * i)) as u8);
+                for (s, lut) in IQ2_WEIGHT_LUT.iter().enumerate() {
+                    for neg in [0, 1] {
+                        let idx = (level << (2 * s)) | (neg << (4 + s));
+                        let v = i32::from(lut[idx]) - IQ2_OFFSET;
+                        assert_eq!(v, if neg == 1 { -want } else { want });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every prepared order is a permutation of the 256 values, and in every order each
+    /// accumulator lane only ever sees one scale group (IQ2_XXS: 32 values, Q2_K: 16).
+    #[test]
+    fn prepared_orders_are_permutations_with_one_group_per_lane() {
+        for (order, group) in [(&IQ2_PREP, 32), (&Q2K_PREP, 16)] {
+            let mut seen = [false; 256];
+            for step in order {
+                for (b, &v) in step.iter().enumerate() {
+                    assert!(!seen[usize::from(v)], "value {v} twice");
+                    seen[usize::from(v)] = true;
+                    let lane_group = usize::from(order[0][4 * (b / 4)]) / group;
+                    assert_eq!(usize::from(v) / group, lane_group, "lane {}", b / 4);
+                }
+            }
+        }
+        // The IQ2_XXS bias is -43 · bsums[j]: lane j must cover exactly values 16j..16j+16.
+        for j in 0..16 {
+            let mut vals: Vec<usize> = (0..4)
+                .flat_map(|k| IQ2_PREP[k][4 * j..4 * j + 4].iter().map(|&v| usize::from(v)))
+                .collect();
+            vals.sort_unstable();
+            assert_eq!(vals, (16 * j..16 * j + 16).collect::<Vec<_>>());
+        }
+        // Q2_K step gathers: lane 2Q + e of step t takes weight bytes holding values
+        // 16 (2Q + e) + 4t + i in bit pair Q % 4.
+        for t in 0..4 {
+            for b in 0..64 {
+                let (q, i) = (b / 8, b % 8);
+                let byte = usize::from(Q2K_STEP_PERM[t][b]);
+                let value = 128 * (byte / 32) + 32 * (q % 4) + byte % 32;
                 assert_eq!(
-                    affine(IQ2_LEVEL_MATRIX, l, 8),
-                    (IQ2XXS_GRID[k] >> (8 * i)) as u8
+                    value,
+                    usize::from(Q2K_PREP[t][b]),
+                    "step {t} byte {b} ({i})"
                 );
             }
         }
-    }
-
-    /// With one accumulator per token these kernels add the same exact i32 lanes, in the same
-    /// f32 order, as the AVX-512 VNNI table's Q2_K and IQ2_XXS kernels, so the two tables give
-    /// the same bits (and a model the same logits under `DS4_SIMD=avx512`), single row and
-    /// multi-token alike.
-    #[test]
-    fn same_bits_as_the_vnni_table() {
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-        let (Some(vbmi), Some(vnni)) = (
-            Kernels::for_isa(Isa::Avx512Vbmi),
-            Kernels::for_isa(Isa::Avx512Vnni),
-        ) else {
-            return;
-        };
-        let mut rng = StdRng::seed_from_u64(0x5eed);
-        let scale = |rng: &mut StdRng| {
-            let mag = 10f32.powf(rng.random_range(-6.0..1.0));
-            f16::from_f32(if rng.random::<bool>() { mag } else { -mag })
-        };
-        for (nb, n) in [(1, 1), (2, 3), (5, 8), (16, 1), (16, 8), (3, 11)] {
-            let mut bytes = vec![0u8; nb * size_of::<BlockQ2K>()];
-            rng.fill(&mut bytes[..]);
-            let mut wq2: Vec<BlockQ2K> = bytemuck::pod_collect_to_vec(&bytes);
-            for b in &mut wq2 {
-                (b.d, b.dmin) = (scale(&mut rng), scale(&mut rng));
-            }
-            let mut bytes = vec![0u8; nb * size_of::<BlockIq2Xxs>()];
-            rng.fill(&mut bytes[..]);
-            let mut wiq: Vec<BlockIq2Xxs> = bytemuck::pod_collect_to_vec(&bytes);
-            wiq.iter_mut().for_each(|b| b.d = scale(&mut rng));
-            let xf: Vec<f32> = (0..nb * n * 256)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            let mut x = vec![bytemuck::Zeroable::zeroed(); nb * n];
-            crate::q8_k::quantize(&xf, &mut x);
-            let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
-            (vbmi.q2k_q8k_n)(&wq2, &x, &mut a);
-            (vnni.q2k_q8k_n)(&wq2, &x, &mut b);
-            assert_eq!(bits(&a), bits(&b), "q2_k _n, {nb} blocks, {n} tokens");
-            (vbmi.iq2xxs_q8k_n)(&wiq, &x, &mut a);
-            (vnni.iq2xxs_q8k_n)(&wiq, &x, &mut b);
-            assert_eq!(bits(&a), bits(&b), "iq2_xxs _n, {nb} blocks, {n} tokens");
-            let x0 = &x[..nb];
-            assert_eq!(
-                (vbmi.q2k_q8k)(&wq2, x0).to_bits(),
-                (vnni.q2k_q8k)(&wq2, x0).to_bits(),
-                "q2_k, {nb} blocks"
-            );
-            assert_eq!(
-                (vbmi.iq2xxs_q8k)(&wiq, x0).to_bits(),
-                (vnni.iq2xxs_q8k)(&wiq, x0).to_bits(),
-                "iq2_xxs, {nb} blocks"
-            );
-        }
-    }
-
-    /// The bit patterns of a slice of f32, for exact comparisons with a readable diff.
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|v| v.to_bits()).collect()
     }
 }

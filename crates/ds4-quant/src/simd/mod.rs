@@ -22,6 +22,12 @@
 //! IQ2_XXS / Q2_K kernels; the rest loop over the single kernel (`dot_n_loop!`).
 //! `tests/kernels_n.rs` checks the bit identity.
 //!
+//! Prepared activations: a table may also offer [`Prepared`] kernels for a weight format
+//! (the AVX-512 VBMI table does for IQ2_XXS and Q2_K). They read Q8_K activations rearranged
+//! once per matrix call ([`BlockQ8KPrep`]) into the order in which that table's kernel
+//! decodes weights cheapest; [`crate::gemv`] uses them when present. The table's plain
+//! entries give the same bits (they prepare internally on each call).
+//!
 //! Activation precondition: the quant kernels use the sign trick of ggml (`|w| * sign(x, w)`
 //! with `maddubs`/`dpbusd`), which is exact for activation quants in `[-127, 127]`. The
 //! quantizers [`crate::q8_k::quantize`] and [`crate::q8_0::quantize`] never emit `-128`, so
@@ -319,6 +325,48 @@ pub fn pack_q8_0_group(
     scales.extend((0..8 * nb).map(|j| x[(j % 8).min(n - 1) * nb + j / 8].d.to_f32()));
 }
 
+/// One Q8_K activation block rearranged, once per matrix call, into the order that a kernel
+/// table's prepared kernels read ([`Prepared`]); 384 bytes, runtime only.
+///
+/// A dot product does not depend on the order of its terms, so a kernel may read the
+/// weights in whatever order decodes cheapest if the activations come in the same order.
+/// Rearranging the activations costs a few instructions per block once per call; every
+/// weight row of the matrix then saves them.
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+pub struct BlockQ8KPrep {
+    /// The 256 quants of the Q8_K block, in the kernel's order.
+    pub qs: [i8; crate::QK_K],
+    /// Start values of the kernel's 16 i32 lane sums (a per-block correction term).
+    pub bias: [i32; 16],
+    /// The Q8_K block's sums of 16 consecutive quants, in their natural order.
+    pub bsums: [i16; crate::QK_K / 16],
+    /// The Q8_K block's scale.
+    pub d: f32,
+    /// Padding to a whole number of cache lines.
+    pad: [u32; 7],
+}
+
+const _: () = assert!(size_of::<BlockQ8KPrep>() == 384);
+
+/// Rearranges Q8_K blocks, any number, into a table's prepared order (`out` has `x.len()`
+/// blocks); see [`Prepared`].
+pub type PrepareQ8K = fn(x: &[BlockQ8K], out: &mut [BlockQ8KPrep]);
+
+/// A weight format's kernels that read [`BlockQ8KPrep`] activations. `prepare` runs once per
+/// matrix call on every token's Q8_K blocks; `dot` and `dot_n` then give exactly the bits of
+/// the table's plain entries (which prepare internally on each call).
+#[derive(Debug, Clone, Copy)]
+pub struct Prepared<B: 'static> {
+    /// Rearranges Q8_K blocks, any number, into `out` (same length).
+    pub prepare: PrepareQ8K,
+    /// One weight row against one token's prepared blocks.
+    pub dot: fn(w: &[B], x: &[BlockQ8KPrep]) -> f32,
+    /// One weight row against several tokens' prepared blocks (`x.len() == w.len() *
+    /// out.len()`, tokens one after another).
+    pub dot_n: fn(w: &[B], x: &[BlockQ8KPrep], out: &mut [f32]),
+}
+
 /// One instruction set's dot kernels, as plain function pointers.
 ///
 /// A table is only handed out ([`Kernels::for_isa`], [`active`]) when the CPU supports its
@@ -359,6 +407,12 @@ pub struct Kernels {
     /// Q8_0 x Q8_0 for up to 8 tokens with pre-converted scales, where an instruction set
     /// has such a kernel (bit-identical to `q8_0_q8_0`); `None` means use `q8_0_q8_0_n`.
     pub q8_0_q8_0_g: Option<DotQ8_0G>,
+    /// Q2_K kernels on prepared activations, where this table has them (bit-identical to
+    /// `q2k_q8k` / `q2k_q8k_n`); matrix calls use them when present.
+    pub q2k_prep: Option<Prepared<BlockQ2K>>,
+    /// IQ2_XXS kernels on prepared activations, where this table has them (bit-identical
+    /// to `iq2xxs_q8k` / `iq2xxs_q8k_n`); matrix calls use them when present.
+    pub iq2xxs_prep: Option<Prepared<BlockIq2Xxs>>,
 }
 
 static SCALAR: Kernels = Kernels {
@@ -378,6 +432,8 @@ static SCALAR: Kernels = Kernels {
     bf16_f32_n: scalar_n::bf16_f32_n,
     f32_f32_n: scalar_n::f32_f32_n,
     q8_0_q8_0_g: None,
+    q2k_prep: None,
+    iq2xxs_prep: None,
 };
 
 /// The scalar table's multi-token entries: loops over the scalar references.

@@ -39,6 +39,8 @@ pub(super) static KERNELS: Kernels = Kernels {
     bf16_f32_n: dot_bf16_f32_n,
     f32_f32_n: dot_f32_f32_n,
     q8_0_q8_0_g: None,
+    q2k_prep: None,
+    iq2xxs_prep: None,
 };
 
 dot_n_loop!(dot_q8_0_q8_0_n, dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0);
