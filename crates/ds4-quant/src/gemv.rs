@@ -462,7 +462,11 @@ impl Gemv {
             (DType::Q2K, Act::Q8K(x)) => match k.q2k_prep {
                 Some(p) => {
                     let xp = prepare_q8k(p.prepare, x, prep);
-                    m.apply::<BlockQ2K, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                    if n_tok == 1 {
+                        m.apply_rows::<BlockQ2K, _>(p.dot_rows, xp, ys)
+                    } else {
+                        m.apply::<BlockQ2K, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                    }
                 }
                 None => m.apply::<BlockQ2K, _>(k.q2k_q8k, k.q2k_q8k_n, x, n_tok, ys),
             },
@@ -472,7 +476,11 @@ impl Gemv {
             (DType::Iq2Xxs, Act::Q8K(x)) => match k.iq2xxs_prep {
                 Some(p) => {
                     let xp = prepare_q8k(p.prepare, x, prep);
-                    m.apply::<BlockIq2Xxs, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                    if n_tok == 1 {
+                        m.apply_rows::<BlockIq2Xxs, _>(p.dot_rows, xp, ys)
+                    } else {
+                        m.apply::<BlockIq2Xxs, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                    }
                 }
                 None => m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, k.iq2xxs_q8k_n, x, n_tok, ys),
             },
@@ -665,6 +673,30 @@ impl Mat<'_> {
                 kernel_n(row, &x[t0 * per_tok..(t0 + tn) * per_tok], out);
             });
         }
+    }
+
+    /// One token through a kernel that takes a run of consecutive rows (`kernel(rows, x,
+    /// out)`, `out[r]` for row `r`): [`Mat::apply`] with one call per task instead of one
+    /// per row. Same split of rows over tasks.
+    fn apply_rows<B: Pod + Sync, A: Sync>(
+        &self,
+        kernel: fn(&[B], &[A], &mut [f32]),
+        x: &[A],
+        ys: &mut [f32],
+    ) {
+        let rows = |first: usize, out: &mut [f32]| {
+            let start = first * self.row_bytes;
+            let w = cast_row::<B>(&self.w[start..start + out.len() * self.row_bytes]);
+            kernel(&w, x, out);
+        };
+        if self.w.len() <= SERIAL_BYTES || !pool_parallel() {
+            rows(0, ys);
+            return;
+        }
+        let chunk_rows = self.task_rows();
+        ys.par_chunks_mut(chunk_rows)
+            .enumerate()
+            .for_each(|(c, out)| rows(c * chunk_rows, out));
     }
 
     /// The batch part of [`Mat::apply`]: `group(row, t0, tn, out)` must write the outputs of

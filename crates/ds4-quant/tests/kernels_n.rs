@@ -60,7 +60,7 @@ fn check_n<W, X>(
 
 /// A table's prepared-activation kernels give exactly the bits of its plain single-row
 /// kernel `k1`, one token at a time and `n` at once (the matrix calls use the prepared ones).
-fn check_prepared<W>(
+fn check_prepared<W: Clone>(
     what: &str,
     kernels: &Kernels,
     p: simd::Prepared<W>,
@@ -74,6 +74,23 @@ fn check_prepared<W>(
     (p.prepare)(x, &mut xp);
     let mut out = vec![f32::NAN; n];
     (p.dot_n)(w, &xp, &mut out);
+    if n > 0 {
+        // Three rows (the row, reversed, the row) against token 0, in one call.
+        let mut rows = w.to_vec();
+        rows.extend(w.iter().rev().cloned());
+        rows.extend_from_slice(w);
+        let mut got = [f32::NAN; 3];
+        (p.dot_rows)(&rows, &xp[..nb], &mut got);
+        for (r, row) in rows.chunks(nb.max(1)).enumerate().take(3) {
+            let want = k1(row, &x[..nb]).to_bits();
+            assert_eq!(
+                got[r].to_bits(),
+                want,
+                "{what} dot_rows on {:?}: row {r}",
+                kernels.isa
+            );
+        }
+    }
     for (t, &got_n) in out.iter().enumerate() {
         let want = k1(w, &x[t * nb..(t + 1) * nb]).to_bits();
         let got = (p.dot)(w, &xp[t * nb..(t + 1) * nb]).to_bits();

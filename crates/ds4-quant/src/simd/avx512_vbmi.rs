@@ -17,19 +17,26 @@
 //!
 //! IQ2_XXS (FORMATS.md s2.6): chunk `p` (values 8p..8p+8) has a 16-bit grid code (2 bits per
 //! value, `KGRID_2BIT_256`), 8 signs (7 stored, the 8th their parity) and its group's scale.
-//! * the 32 grid indices are spread to 16-bit lanes (`vpermb`) and looked up in the 256 codes
-//!   with four `vpermi2w` and three mask blends; byte `2p + h` of the result holds the levels
-//!   of values `4h..4h + 4` of chunk `p`;
+//! Qword `g` of a block's 64 `qs` bytes holds group `g`: the grid indices of chunks `4g + c`
+//! in bytes 0-3, the sign codes and the scale in the high half.
+//! * `vpshufd` copies each qword's four indices into its high half, and four 128-entry
+//!   `vpermi2b` lookups (merge-masked by index bit 7, joined by one blend) give byte 0 of
+//!   the code (levels of values 0-3) in bytes `c` and byte 1 (values 4-7) in bytes `4 + c`:
+//!   byte `8g + 4h + c` holds the levels of values `4h..4h + 4` of chunk `4g + c`;
 //! * the sign codes are cut out (`vpmultishiftqb`), completed to `KSIGNS` bytes (bit 7 = the
 //!   parity of bits 0-6, one `vgf2p8affineqb`) and moved next to their levels by two more
 //!   `vpmultishiftqb`, so that one `vpternlogd` builds bytes holding (level, level, sign,
 //!   sign) of two values: a 6-bit index;
 //! * four `vpermb` look those indices up in two 64-entry tables that give the signed weight
 //!   plus 43 (0..86, unsigned, as `vpdpbusd` wants); the 43 · (sum of the activations) this
-//!   adds is taken off by starting each lane at `-43 · bsums` (prepared with the activations);
-//! * step `k` (k = 0..3) then holds value `4h + k` of chunk `p` in byte `2p + h`: lane `j`
-//!   sees values `16j..16j + 16` over the four steps, i.e. group `j / 2`, whose scale
-//!   `2L + 1` is in both halves of qword `j / 2` after one shift and one `vpshufd`.
+//!   adds is taken off by starting each lane at -43 · (the sum of its activations), computed
+//!   once by `prepare`;
+//! * step `k` (k = 0..3) holds value `4h + k` of chunk `4g + c` in byte `8g + 4h + c`, so
+//!   lanes `2g` and `2g + 1` only ever see group `g`, whose scale `2L + 1` is put in both
+//!   halves of qword `g` by one shift, one `vpor` and one `vpshufd`;
+//! * the decode runs in two stages (codes, signs, scale; then the weight lookups) one and
+//!   two blocks ahead of the token math in the one-token row kernel: in plain order the
+//!   lookup chain's latency, not the issue rate, set the speed (docs/BENCH.md).
 //!
 //! Q2_K (FORMATS.md s2.4): lane `j` of every step holds four values of sub-block `j`
 //! (values `16j + 4t..16j + 4t + 4` in step `t`): one `vpermb` gathers the weight bytes of
@@ -69,11 +76,13 @@ pub(super) static KERNELS: Kernels = Kernels {
         prepare: prepare_q2k,
         dot: dot_q2k_prep,
         dot_n: dot_q2k_prep_n,
+        dot_rows: dot_q2k_rows,
     }),
     iq2xxs_prep: Some(Prepared {
         prepare: prepare_iq2xxs,
         dot: dot_iq2xxs_prep,
         dot_n: dot_iq2xxs_prep_n,
+        dot_rows: dot_iq2xxs_rows,
     }),
     ..super::avx512::KERNELS
 };
@@ -113,6 +122,26 @@ fn dot_iq2xxs_prep(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep]) -> f32 {
     // one token of w.len() blocks.
     unsafe { iq2xxs_n::<1>(w, x, &mut out) };
     out[0]
+}
+
+fn dot_q2k_rows(w: &[BlockQ2K], x: &[BlockQ8KPrep], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "dot_q2k_rows: length mismatch"
+    );
+    // SAFETY: the CPU supports the features of this table (see KERNELS); lengths checked.
+    unsafe { q2k_rows(w, x, out) };
+}
+
+fn dot_iq2xxs_rows(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep], out: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        x.len() * out.len(),
+        "dot_iq2xxs_rows: length mismatch"
+    );
+    // SAFETY: the CPU supports the features of this table (see KERNELS); lengths checked.
+    unsafe { iq2xxs_rows(w, x, out) };
 }
 
 dot_n_passes!(dot_q2k_prep_n, q2k_n, BlockQ2K, BlockQ8KPrep);
@@ -199,6 +228,20 @@ const fn gf2_matrix(rows: [u8; 8]) -> u64 {
     m
 }
 
+/// Distance of the software prefetch in the weight stream, in bytes.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Prefetches the cache lines `PREFETCH_BYTES` past the start of block `b` (and the next line:
+/// a block may straddle two). Prefetching past the end of the row is harmless.
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch_ahead<B>(b: &B) {
+    let p = (b as *const B).cast::<i8>().wrapping_add(PREFETCH_BYTES);
+    // A prefetch is only a hint: it never faults, whatever the address.
+    _mm_prefetch::<_MM_HINT_T0>(p);
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+}
+
 // ---------------------------------------------------------------------------------------
 // Activation preparation.
 
@@ -206,15 +249,17 @@ const fn gf2_matrix(rows: [u8; 8]) -> u64 {
 /// are unsigned bytes, as `vpdpbusd` needs.
 const IQ2_OFFSET: i32 = 43;
 
-/// Source positions of the IQ2_XXS order: step `k`, byte `b` holds value
-/// `8 (b / 2) + 4 (b % 2) + k` (chunk `b / 2`, value `4 (b % 2) + k` of the chunk).
+/// Source positions of the IQ2_XXS order: step `k`, byte `b = 8g + 4h + c` holds value
+/// `4h + k` of chunk `4g + c` (chunk `p` = values `8p..8p + 8`, group `g` = chunks
+/// `4g..4g + 4`).
 static IQ2_PREP: [[u8; 64]; 4] = {
     let mut out = [[0u8; 64]; 4];
     let mut k = 0;
     while k < 4 {
         let mut b = 0;
         while b < 64 {
-            out[k][b] = (8 * (b / 2) + 4 * (b % 2) + k) as u8;
+            let (g, h, c) = (b / 8, (b % 8) / 4, b % 4);
+            out[k][b] = (8 * (4 * g + c) + 4 * h + k) as u8;
             b += 1;
         }
         k += 1;
@@ -238,24 +283,27 @@ static Q2K_PREP: [[u8; 64]; 4] = {
     out
 };
 
-/// One block in a kernel's order: `qs[64s + b] = x.qs[idx[s][b]]`, lane biases
-/// `bias_per_sum · bsums`, `bsums` and `d` copied.
+/// One block in a kernel's order: `qs[64s + b] = x.qs[idx[s][b]]`, lane `j`'s bias
+/// `bias_per_value ·` (the sum of the 16 values it sees over the four steps), `bsums` and
+/// `d` copied.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-fn prep_block(x: &BlockQ8K, idx: &[[u8; 64]; 4], bias_per_sum: i32, out: &mut BlockQ8KPrep) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+fn prep_block(x: &BlockQ8K, idx: &[[u8; 64]; 4], bias_per_value: i32, out: &mut BlockQ8KPrep) {
     let v = [0, 64, 128, 192].map(|at| load512(&x.qs, at));
+    let mut sums = _mm512_setzero_si512();
     for (s, ix) in idx.iter().enumerate() {
         // Index bits 0-6 pick one of 128 bytes of a source pair, bit 7 the pair.
         let i = table(ix);
         let lo = _mm512_permutex2var_epi8(v[0], i, v[1]);
         let hi = _mm512_permutex2var_epi8(v[2], i, v[3]);
         let r = _mm512_mask_mov_epi8(lo, _mm512_movepi8_mask(i), hi);
+        sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi8(1), r);
         // SAFETY: `out.qs` has 256 bytes, this stores 64 at `64s`; no alignment needed.
         unsafe { _mm512_storeu_si512(out.qs.as_mut_ptr().add(64 * s).cast(), r) };
     }
-    for (b, &s) in out.bias.iter_mut().zip(&x.bsums) {
-        *b = bias_per_sum * i32::from(s);
-    }
+    let bias = _mm512_mullo_epi32(sums, _mm512_set1_epi32(bias_per_value));
+    // SAFETY: `out.bias` is 16 i32 = 64 bytes; no alignment needed.
+    unsafe { _mm512_storeu_si512(out.bias.as_mut_ptr().cast(), bias) };
     out.bsums = x.bsums;
     out.d = x.d;
 }
@@ -263,19 +311,22 @@ fn prep_block(x: &BlockQ8K, idx: &[[u8; 64]; 4], bias_per_sum: i32, out: &mut Bl
 // ---------------------------------------------------------------------------------------
 // IQ2_XXS.
 
-/// `vpermb` spreading the grid index of chunk `p` (byte `8 (p / 4) + p % 4` of `qs`) to
-/// both bytes of 16-bit lane `p` (the high copy puts index bit 7 at the lane's sign bit).
-static IQ2_IDX_PERM: [u8; 64] = {
-    let mut out = [0u8; 64];
-    let mut p = 0;
-    while p < 32 {
-        let src = (8 * (p / 4) + p % 4) as u8;
-        out[2 * p] = src;
-        out[2 * p + 1] = src;
-        p += 1;
+/// The grid codes as bytes for `vpermi2b`: `[h][q]` holds byte `h` (levels of values
+/// `4h..4h + 4`) of the codes of grid points `64q..64q + 64`.
+static IQ2_GRID_BYTES: [[[u8; 64]; 4]; 2] = {
+    let mut out = [[[0u8; 64]; 4]; 2];
+    let mut k = 0;
+    while k < 256 {
+        let code = KGRID_2BIT_256[k];
+        out[0][k / 64][k % 64] = code as u8;
+        out[1][k / 64][k % 64] = (code >> 8) as u8;
+        k += 1;
     }
     out
 };
+
+/// Bytes `4..8` of every qword: where the code layout keeps byte 1 of each code.
+const IQ2_HIGH_HALF: u64 = 0xF0F0_F0F0_F0F0_F0F0;
 
 /// `vpmultishiftqb` control cutting the four 7-bit sign codes of a group (bits 32 + 7c of
 /// its qword) into bytes 0-3; bytes 4-7 are unused.
@@ -294,7 +345,7 @@ static IQ2_SIGN_CTRL: [u8; 64] = {
 /// byte (FORMATS.md s2.6: the eighth sign makes the count of negatives even).
 const IQ2_PARITY_MATRIX: u64 = gf2_matrix([1, 2, 4, 8, 16, 32, 64, 0x7F]);
 
-/// `vpmultishiftqb` controls moving sign bits next to the levels: byte `2c + h` of a qword
+/// `vpmultishiftqb` controls moving sign bits next to the levels: byte `4h + c` of a qword
 /// (chunk `c` of the group, half `h`) gets, in bits 4 and 5, the signs of values `4h + e`
 /// and `4h + e + 1` of the chunk (`KSIGNS` byte `c` of the qword, bits `4h + e`), for
 /// `e = 0` (`[0]`) and `e = 2` (`[1]`). Bits 0-3 (and 6-7) are don't-care.
@@ -304,7 +355,7 @@ static IQ2_SIGN_MOVE: [[u8; 64]; 2] = {
     while s < 2 {
         let mut b = 0;
         while b < 64 {
-            let (c, h) = ((b % 8) / 2, b % 2);
+            let (c, h) = (b % 4, (b % 8) / 4);
             out[s][b] = ((8 * c + 4 * h + 2 * s + 64 - 4) % 64) as u8;
             b += 1;
         }
@@ -336,8 +387,7 @@ static IQ2_WEIGHT_LUT: [[u8; 64]; 2] = {
 /// The constants of the IQ2_XXS kernel, loaded once per call.
 #[derive(Clone, Copy)]
 struct Iq2Consts {
-    grid: [__m512i; 8],
-    idx_perm: __m512i,
+    grid: [[__m512i; 4]; 2],
     sign_ctrl: __m512i,
     parity: __m512i,
     sign_move: [__m512i; 2],
@@ -348,15 +398,8 @@ impl Iq2Consts {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn load() -> Self {
-        let grid = std::array::from_fn(|k| {
-            let codes: &[u16; 32] = KGRID_2BIT_256[32 * k..32 * k + 32]
-                .try_into()
-                .expect("32 codes");
-            table(codes)
-        });
         Iq2Consts {
-            grid,
-            idx_perm: table(&IQ2_IDX_PERM),
+            grid: IQ2_GRID_BYTES.map(|h| h.map(|q| table(&q))),
             sign_ctrl: table(&IQ2_SIGN_CTRL),
             parity: _mm512_set1_epi64(IQ2_PARITY_MATRIX as i64),
             sign_move: IQ2_SIGN_MOVE.map(|t| table(&t)),
@@ -377,18 +420,37 @@ struct Iq2Block {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,f16c")]
 fn iq2_decode(c: &Iq2Consts, bw: &BlockIq2Xxs) -> Iq2Block {
+    iq2_stage2(c, iq2_stage1(c, bw))
+}
+
+/// The first half of [`iq2_decode`]: grid codes, sign bits, scales.
+#[derive(Clone, Copy)]
+struct Iq2Pre {
+    code: __m512i,
+    sa: __m512i,
+    sb: __m512i,
+    scale: __m512i,
+    d: f32,
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,f16c")]
+fn iq2_stage1(c: &Iq2Consts, bw: &BlockIq2Xxs) -> Iq2Pre {
     let qs = load512(&bw.qs, 0);
-    // Grid codes: four 64-entry `vpermi2w` lookups (index bits 0-5), chosen by bits 6, 7.
-    let idx = _mm512_permutexvar_epi8(c.idx_perm, qs);
-    let r0 = _mm512_permutex2var_epi16(c.grid[0], idx, c.grid[1]);
-    let r1 = _mm512_permutex2var_epi16(c.grid[2], idx, c.grid[3]);
-    let r2 = _mm512_permutex2var_epi16(c.grid[4], idx, c.grid[5]);
-    let r3 = _mm512_permutex2var_epi16(c.grid[6], idx, c.grid[7]);
-    let b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
-    let b7 = _mm512_movepi16_mask(idx);
-    let lo = _mm512_mask_mov_epi16(r0, b6, r1);
-    let hi = _mm512_mask_mov_epi16(r2, b6, r3);
-    let code = _mm512_mask_mov_epi16(lo, b7, hi);
+    // Grid codes: each qword's four grid indices copied to its high half, then looked up
+    // as bytes (byte 0 of the code in the low half, byte 1 in the high half) with four
+    // 128-entry `vpermi2b`, chosen by index bit 7 and the half.
+    let idx = _mm512_shuffle_epi32::<0xA0>(qs);
+    let [lo, hi] = c.grid;
+    // Each lookup writes only its quarter of the bytes (index bit 7, half) and leaves the
+    // others untouched (merge into the index operand): the bytes not yet looked up still
+    // hold their index for the next lookup, and no blends are needed.
+    let b7 = _mm512_movepi8_mask(idx);
+    let c0 = _mm512_mask2_permutex2var_epi8(lo[0], idx, !b7, lo[1]);
+    let c0 = _mm512_mask2_permutex2var_epi8(lo[2], c0, b7, lo[3]);
+    let c1 = _mm512_mask2_permutex2var_epi8(hi[0], idx, !b7, hi[1]);
+    let c1 = _mm512_mask2_permutex2var_epi8(hi[2], c1, b7, hi[3]);
+    let code = _mm512_mask_mov_epi8(c0, IQ2_HIGH_HALF, c1);
 
     // KSIGNS bytes of the group's chunks in bytes 0-3 of each qword, then moved into
     // bits 4-5 next to the levels of the same values.
@@ -396,6 +458,26 @@ fn iq2_decode(c: &Iq2Consts, bw: &BlockIq2Xxs) -> Iq2Block {
         _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_multishift_epi64_epi8(c.sign_ctrl, qs), c.parity);
     let sa = _mm512_multishift_epi64_epi8(c.sign_move[0], signs);
     let sb = _mm512_multishift_epi64_epi8(c.sign_move[1], signs);
+    let s = _mm512_or_si512(_mm512_srli_epi64::<59>(qs), _mm512_set1_epi64(1));
+    Iq2Pre {
+        code,
+        sa,
+        sb,
+        scale: _mm512_shuffle_epi32::<0xA0>(s),
+        d: 0.125 * f16_to_f32(bw.d),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,f16c")]
+fn iq2_stage2(c: &Iq2Consts, p: Iq2Pre) -> Iq2Block {
+    let Iq2Pre {
+        code,
+        sa,
+        sb,
+        scale,
+        d,
+    } = p;
     // Bits 0-3 from the levels (values 4h, 4h + 1 / 4h + 2, 4h + 3), bits 4-7 from signs.
     let low4 = _mm512_set1_epi8(0x0F);
     let ia = _mm512_ternarylogic_epi32::<0xCA>(low4, code, sa);
@@ -407,14 +489,7 @@ fn iq2_decode(c: &Iq2Consts, bw: &BlockIq2Xxs) -> Iq2Block {
         _mm512_permutexvar_epi8(ib, c.lut[1]),
     ];
 
-    // Group scales 2L + 1 (L = the top 4 bits of each group's qword: bits 59-63, bit 0 (a
-    // sign bit) forced to 1), copied to both i32 lanes of the qword.
-    let s = _mm512_or_si512(_mm512_srli_epi64::<59>(qs), _mm512_set1_epi64(1));
-    Iq2Block {
-        w,
-        scale: _mm512_shuffle_epi32::<0xA0>(s),
-        d: 0.125 * f16_to_f32(bw.d),
-    }
+    Iq2Block { w, scale, d }
 }
 
 /// The exact i32 lane sums (scaled) of one decoded block against one prepared block.
@@ -451,6 +526,7 @@ unsafe fn iq2xxs_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep], out: 
         if i + 1 < nb {
             next = iq2_decode(&c, &w[i + 1]);
         }
+        prefetch_ahead(&w[i]);
         for (t, a) in acc.iter_mut().enumerate() {
             let bx = &x[t * nb + i];
             let sumi = iq2_token(&b, bx);
@@ -459,6 +535,40 @@ unsafe fn iq2xxs_n<const NT: usize>(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep], out: 
     }
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = _mm512_reduce_add_ps(*a);
+    }
+}
+
+/// `out[r] = dot(w[r * nb..(r + 1) * nb], x)`, `nb = x.len()`: [`iq2xxs_n`] with one token
+/// over consecutive rows, the decode pipeline running across row ends; each row gets exactly
+/// the single-token sequence (zeroed accumulator, same FMAs, same reduction).
+///
+/// # Safety
+/// The CPU must support the features of this table; `w.len() == x.len() * out.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")]
+unsafe fn iq2xxs_rows(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep], out: &mut [f32]) {
+    let nb = x.len();
+    assert_eq!(w.len(), nb * out.len());
+    let (Some(first), true) = (w.first(), nb > 0) else {
+        out.fill(0.0);
+        return;
+    };
+    let c = Iq2Consts::load();
+    let mut next = iq2_decode(&c, first);
+    let mut pre = iq2_stage1(&c, w.get(1).unwrap_or(first));
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut acc = _mm512_setzero_ps();
+        for (i, bx) in x.iter().enumerate() {
+            let g = r * nb + i;
+            let b = next;
+            next = iq2_stage2(&c, pre);
+            if g + 2 < w.len() {
+                pre = iq2_stage1(&c, &w[g + 2]);
+            }
+            prefetch_ahead(&w[g]);
+            let sumi = iq2_token(&b, bx);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(b.d * bx.d), _mm512_cvtepi32_ps(sumi), acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
     }
 }
 
@@ -569,6 +679,7 @@ unsafe fn q2k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8KPrep], out: &mut [
         if i + 1 < nb {
             next = q2k_decode(&perm, lanes, &w[i + 1]);
         }
+        prefetch_ahead(&w[i]);
         for (t, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
             let bx = &x[t * nb + i];
             let (sumi, mins) = q2k_token(&b, bx);
@@ -582,6 +693,43 @@ unsafe fn q2k_n<const NT: usize>(w: &[BlockQ2K], x: &[BlockQ8KPrep], out: &mut [
     }
     for ((o, a), am) in out.iter_mut().zip(&acc).zip(&acc_m) {
         *o = _mm512_reduce_add_ps(*a) + hsum_ps(*am);
+    }
+}
+
+/// `out[r] = dot(w[r * nb..(r + 1) * nb], x)`, `nb = x.len()`: [`q2k_n`] with one token over
+/// consecutive rows, as [`iq2xxs_rows`].
+///
+/// # Safety
+/// The CPU must support the features of this table; `w.len() == x.len() * out.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")]
+unsafe fn q2k_rows(w: &[BlockQ2K], x: &[BlockQ8KPrep], out: &mut [f32]) {
+    let nb = x.len();
+    assert_eq!(w.len(), nb * out.len());
+    let (Some(first), true) = (w.first(), nb > 0) else {
+        out.fill(0.0);
+        return;
+    };
+    let perm = Q2K_STEP_PERM.map(|m| table(&m));
+    let lanes = table(&Q2K_LANE_MATRIX);
+    let mut next = q2k_decode(&perm, lanes, first);
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut acc = _mm512_setzero_ps();
+        let mut acc_m = _mm256_setzero_ps();
+        for (i, bx) in x.iter().enumerate() {
+            let g = r * nb + i;
+            let b = next;
+            if g + 1 < w.len() {
+                next = q2k_decode(&perm, lanes, &w[g + 1]);
+            }
+            prefetch_ahead(&w[g]);
+            let (sumi, mins) = q2k_token(&b, bx);
+            let dd = _mm_mul_ps(b.dd, _mm_set1_ps(bx.d));
+            let d = _mm512_broadcastss_ps(dd);
+            let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
+            acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(mins), acc_m);
+        }
+        *o = _mm512_reduce_add_ps(acc) + hsum_ps(acc_m);
     }
 }
 
@@ -650,14 +798,6 @@ mod tests {
                     assert_eq!(usize::from(v) / group, lane_group, "lane {}", b / 4);
                 }
             }
-        }
-        // The IQ2_XXS bias is -43 · bsums[j]: lane j must cover exactly values 16j..16j+16.
-        for j in 0..16 {
-            let mut vals: Vec<usize> = (0..4)
-                .flat_map(|k| IQ2_PREP[k][4 * j..4 * j + 4].iter().map(|&v| usize::from(v)))
-                .collect();
-            vals.sort_unstable();
-            assert_eq!(vals, (16 * j..16 * j + 16).collect::<Vec<_>>());
         }
         // Q2_K step gathers: lane 2Q + e of step t takes weight bytes holding values
         // 16 (2Q + e) + 4t + i in bit pair Q % 4.

@@ -365,6 +365,10 @@ pub struct Prepared<B: 'static> {
     /// One weight row against several tokens' prepared blocks (`x.len() == w.len() *
     /// out.len()`, tokens one after another).
     pub dot_n: fn(w: &[B], x: &[BlockQ8KPrep], out: &mut [f32]),
+    /// Several consecutive weight rows against one token: `out[r] = dot(w[r * nb..(r + 1) *
+    /// nb], x)` with `nb = x.len()`, each bit for bit as `dot` (one call per run of rows
+    /// saves the per-call start and lets a row's last block overlap the next row's first).
+    pub dot_rows: fn(w: &[B], x: &[BlockQ8KPrep], out: &mut [f32]),
 }
 
 /// One instruction set's dot kernels, as plain function pointers.
