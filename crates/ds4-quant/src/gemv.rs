@@ -459,31 +459,17 @@ impl Gemv {
             row_bytes,
         };
         match (dtype, act) {
-            (DType::Q2K, Act::Q8K(x)) => match k.q2k_prep {
-                Some(p) => {
-                    let xp = prepare_q8k(p.prepare, x, prep);
-                    if n_tok == 1 {
-                        m.apply_rows::<BlockQ2K, _>(p.dot_rows, xp, ys)
-                    } else {
-                        m.apply::<BlockQ2K, _>(p.dot, p.dot_n, xp, n_tok, ys)
-                    }
-                }
-                None => m.apply::<BlockQ2K, _>(k.q2k_q8k, k.q2k_q8k_n, x, n_tok, ys),
-            },
-            (DType::Q4K, Act::Q8K(x)) => {
-                m.apply::<BlockQ4K, _>(k.q4k_q8k, k.q4k_q8k_n, x, n_tok, ys)
+            (DType::Q2K, Act::Q8K(x)) => {
+                let plain = (k.q2k_q8k, k.q2k_q8k_n);
+                m.apply_q8k::<BlockQ2K>(k.q2k_prep, plain, x, prep, n_tok, ys)
             }
-            (DType::Iq2Xxs, Act::Q8K(x)) => match k.iq2xxs_prep {
-                Some(p) => {
-                    let xp = prepare_q8k(p.prepare, x, prep);
-                    if n_tok == 1 {
-                        m.apply_rows::<BlockIq2Xxs, _>(p.dot_rows, xp, ys)
-                    } else {
-                        m.apply::<BlockIq2Xxs, _>(p.dot, p.dot_n, xp, n_tok, ys)
-                    }
-                }
-                None => m.apply::<BlockIq2Xxs, _>(k.iq2xxs_q8k, k.iq2xxs_q8k_n, x, n_tok, ys),
-            },
+            (DType::Q4K, Act::Q8K(x)) => {
+                m.apply_q8k::<BlockQ4K>(None, (k.q4k_q8k, k.q4k_q8k_n), x, prep, n_tok, ys)
+            }
+            (DType::Iq2Xxs, Act::Q8K(x)) => {
+                let plain = (k.iq2xxs_q8k, k.iq2xxs_q8k_n);
+                m.apply_q8k::<BlockIq2Xxs>(k.iq2xxs_prep, plain, x, prep, n_tok, ys)
+            }
             (DType::Q8_0, Act::Q8_0(x)) => match k.q8_0_q8_0_g {
                 Some(g) if n_tok > 1 => {
                     // Each token group's quants packed and scales converted once per call
@@ -626,6 +612,12 @@ fn quantize_rows<B: Pod + Send>(
     }
 }
 
+/// A table's plain single-row and multi-token kernels of one Q8_K weight format.
+type PlainQ8k<B> = (
+    fn(&[B], &[BlockQ8K]) -> f32,
+    fn(&[B], &[BlockQ8K], &mut [f32]),
+);
+
 /// A weight matrix as raw bytes: `n_rows` rows of `row_bytes` each.
 struct Mat<'a> {
     w: &'a [u8],
@@ -672,6 +664,31 @@ impl Mat<'_> {
             self.apply_groups::<B>(n_tok, gs, ys, |row, t0, tn, out| {
                 kernel_n(row, &x[t0 * per_tok..(t0 + tn) * per_tok], out);
             });
+        }
+    }
+
+    /// [`Mat::apply`] for a weight format with Q8_K activations: through the table's
+    /// prepared kernels when it has them (the activations rearranged once into `prep`; one
+    /// token by the row kernel), else through its plain single and multi-token kernels.
+    fn apply_q8k<B: Pod + Sync>(
+        &self,
+        prepared: Option<simd::Prepared<B>>,
+        (kernel, kernel_n): PlainQ8k<B>,
+        x: &[BlockQ8K],
+        prep: &mut Vec<BlockQ8KPrep>,
+        n_tok: usize,
+        ys: &mut [f32],
+    ) {
+        match prepared {
+            Some(p) => {
+                let xp = prepare_q8k(p.prepare, x, prep);
+                if n_tok == 1 {
+                    self.apply_rows::<B, _>(p.dot_rows, xp, ys)
+                } else {
+                    self.apply::<B, _>(p.dot, p.dot_n, xp, n_tok, ys)
+                }
+            }
+            None => self.apply::<B, _>(kernel, kernel_n, x, n_tok, ys),
         }
     }
 
