@@ -60,7 +60,7 @@ use std::cell::Cell;
 use bytemuck::Zeroable;
 
 use super::avx2::{f16_to_f32, hsum_ps};
-use super::{BlockQ8KPrep, Isa, Kernels, Prepared};
+use super::{BlockQ8KPrep, Isa, Kernels, Prepared, prefetch_ahead};
 use crate::tables::KGRID_2BIT_256;
 use crate::{BlockIq2Xxs, BlockQ2K, BlockQ8K};
 
@@ -226,20 +226,6 @@ const fn gf2_matrix(rows: [u8; 8]) -> u64 {
         i += 1;
     }
     m
-}
-
-/// Distance of the software prefetch in the weight stream, in bytes.
-const PREFETCH_BYTES: usize = 2048;
-
-/// Prefetches the cache lines `PREFETCH_BYTES` past the start of block `b` (and the next line:
-/// a block may straddle two). Prefetching past the end of the row is harmless.
-#[inline]
-#[target_feature(enable = "sse")]
-fn prefetch_ahead<B>(b: &B) {
-    let p = (b as *const B).cast::<i8>().wrapping_add(PREFETCH_BYTES);
-    // A prefetch is only a hint: it never faults, whatever the address.
-    _mm_prefetch::<_MM_HINT_T0>(p);
-    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
 }
 
 // ---------------------------------------------------------------------------------------

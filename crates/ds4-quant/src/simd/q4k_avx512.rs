@@ -204,6 +204,7 @@ unsafe fn q4k_q8k<const NT: usize>(w: &[BlockQ4K], x: &[BlockQ8K], out: &mut [f3
     let mut acc = [_mm512_setzero_ps(); NT];
     let mut acc_m = [_mm256_setzero_ps(); NT];
     for (i, bw) in w.iter().enumerate() {
+        super::prefetch_ahead(bw);
         let head = load_head(bw);
         let dd = _mm_cvtph_ps(head); // [d, dmin, -, -]
         let dw = _mm512_broadcastss_ps(dd);
