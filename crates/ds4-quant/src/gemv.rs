@@ -310,48 +310,28 @@ impl Gemv {
     ) -> Result<()> {
         check_cols(dtype, n_cols)?;
         let n_tok = n_tok(xs.len(), n_cols, 1)?;
-        with_scratch(|s| match activation_dtype(dtype) {
-            Some(DType::Q8K) => {
-                quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k, &mut s.q8k);
-                let act = Act::Q8K(&s.q8k);
-                self.run(
-                    dtype,
-                    w,
-                    n_rows,
-                    n_cols,
-                    act,
-                    ys,
-                    &mut s.groups,
-                    &mut s.prep,
-                )
-            }
-            Some(DType::Q8_0) => {
-                quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0, &mut s.q8_0);
-                let act = Act::Q8_0(&s.q8_0);
-                self.run(
-                    dtype,
-                    w,
-                    n_rows,
-                    n_cols,
-                    act,
-                    ys,
-                    &mut s.groups,
-                    &mut s.prep,
-                )
-            }
-            _ => {
-                let act = Act::F32(xs);
-                self.run(
-                    dtype,
-                    w,
-                    n_rows,
-                    n_cols,
-                    act,
-                    ys,
-                    &mut s.groups,
-                    &mut s.prep,
-                )
-            }
+        with_scratch(|s| {
+            let act = match activation_dtype(dtype) {
+                Some(DType::Q8K) => {
+                    quantize_rows(xs, n_tok, QK_K, simd::quantize_q8k, &mut s.q8k);
+                    Act::Q8K(&s.q8k)
+                }
+                Some(DType::Q8_0) => {
+                    quantize_rows(xs, n_tok, QK8_0, simd::quantize_q8_0, &mut s.q8_0);
+                    Act::Q8_0(&s.q8_0)
+                }
+                _ => Act::F32(xs),
+            };
+            self.run(
+                dtype,
+                w,
+                n_rows,
+                n_cols,
+                act,
+                ys,
+                &mut s.groups,
+                &mut s.prep,
+            )
         })
     }
 
