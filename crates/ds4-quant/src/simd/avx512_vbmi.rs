@@ -109,18 +109,18 @@ fn prepare_iq2xxs(x: &[BlockQ8K], out: &mut [BlockQ8KPrep]) {
 fn dot_q2k_prep(w: &[BlockQ2K], x: &[BlockQ8KPrep]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_q2k_prep: length mismatch");
     let mut out = [0.0];
-    // SAFETY: the CPU supports the features of this table (see KERNELS); x holds exactly
-    // one token of w.len() blocks.
-    unsafe { q2k_n::<1>(w, x, &mut out) };
+    // SAFETY: the CPU supports the features of this table (see KERNELS); one row of
+    // x.len() blocks. The row kernel (deeper pipeline) gives the `_n` kernel's bits.
+    unsafe { q2k_rows(w, x, &mut out) };
     out[0]
 }
 
 fn dot_iq2xxs_prep(w: &[BlockIq2Xxs], x: &[BlockQ8KPrep]) -> f32 {
     assert_eq!(w.len(), x.len(), "dot_iq2xxs_prep: length mismatch");
     let mut out = [0.0];
-    // SAFETY: the CPU supports the features of this table (see KERNELS); x holds exactly
-    // one token of w.len() blocks.
-    unsafe { iq2xxs_n::<1>(w, x, &mut out) };
+    // SAFETY: the CPU supports the features of this table (see KERNELS); one row of
+    // x.len() blocks. The row kernel (deeper pipeline) gives the `_n` kernel's bits.
+    unsafe { iq2xxs_rows(w, x, &mut out) };
     out[0]
 }
 
