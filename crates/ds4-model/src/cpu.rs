@@ -28,13 +28,12 @@ thread_local! {
 /// cost page faults and kernel zeroing on every layer of a prefill; the buffer is kept
 /// for the thread's life (as large as the largest request, a chunk's HC state).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut v = SCRATCH.take();
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    let r = f(&mut v[..len]);
-    SCRATCH.set(v);
-    r
+    ds4_tensor::alloc::with_thread_local(&SCRATCH, |v| {
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
 }
 
 /// The CPU backend.

@@ -84,10 +84,7 @@ thread_local! {
 
 /// Runs `f` with this thread's [`Scratch`].
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    let mut s = SCRATCH.take();
-    let r = f(&mut s);
-    SCRATCH.set(s);
-    r
+    ds4_tensor::alloc::with_thread_local(&SCRATCH, f)
 }
 
 /// Whether to split work over the pool at all: not when it has one thread.
@@ -718,32 +715,34 @@ impl Mat<'_> {
             let task_w = &self.w[first * self.row_bytes..(first + nr) * self.row_bytes];
             let task_w = cast_row::<B>(task_w);
             let per_row = task_w.len() / nr;
-            let mut tile = TILE.take();
-            tile.clear();
-            tile.resize(nr * gs, 0.0);
-            for t0 in (0..n_tok).step_by(gs) {
-                let tn = (n_tok - t0).min(gs);
-                for (row, tile_row) in task_w.chunks_exact(per_row).zip(tile.chunks_exact_mut(gs)) {
-                    group(row, t0, tn, &mut tile_row[..tn]);
-                }
-                for t in 0..tn {
-                    // SAFETY: `ys` has `n_tok * n_rows` values (checked by `Gemv::run`) and
-                    // outlives every task (the parallel loop below returns only when all
-                    // are done); this task alone writes rows `first..first + nr` of each
-                    // token, so the slices of different tasks never overlap, and nothing
-                    // reads `ys` meanwhile.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            { out }.0.add((t0 + t) * n_rows_all + first),
-                            nr,
-                        )
-                    };
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = tile[i * gs + t];
+            ds4_tensor::alloc::with_thread_local(&TILE, |tile| {
+                tile.clear();
+                tile.resize(nr * gs, 0.0);
+                for t0 in (0..n_tok).step_by(gs) {
+                    let tn = (n_tok - t0).min(gs);
+                    for (row, tile_row) in
+                        task_w.chunks_exact(per_row).zip(tile.chunks_exact_mut(gs))
+                    {
+                        group(row, t0, tn, &mut tile_row[..tn]);
+                    }
+                    for t in 0..tn {
+                        // SAFETY: `ys` has `n_tok * n_rows` values (checked by `Gemv::run`) and
+                        // outlives every task (the parallel loop below returns only when all
+                        // are done); this task alone writes rows `first..first + nr` of each
+                        // token, so the slices of different tasks never overlap, and nothing
+                        // reads `ys` meanwhile.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                { out }.0.add((t0 + t) * n_rows_all + first),
+                                nr,
+                            )
+                        };
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = tile[i * gs + t];
+                        }
                     }
                 }
-            }
-            TILE.set(tile);
+            });
         };
         if n_chunks > 1 && pool_parallel() {
             (0..n_chunks).into_par_iter().for_each(task);

@@ -1,4 +1,5 @@
-//! A global allocator that puts every large heap block on a cache-line boundary.
+//! Heap memory helpers: a global allocator that puts every large heap block on a cache-line
+//! boundary, and per-thread scratch reuse ([`with_thread_local`]).
 //!
 //! The SIMD kernels read activation rows with 64-byte loads. glibc returns large blocks
 //! (served by `mmap`) 16 bytes past a page boundary, so every such load of a `Vec<f32>`
@@ -81,6 +82,20 @@ unsafe impl GlobalAlloc for CacheLineAlloc {
             }
         }
     }
+}
+
+/// Runs `f` on the value of a thread-local `Cell`, taken out for the call and put back
+/// after it: a per-thread scratch buffer reused across calls, without a `RefCell` borrow.
+/// A call nested inside `f` on the same thread (rayon work stealing while `f` waits) finds
+/// the default value and works on its own; the outer value is put back last.
+pub fn with_thread_local<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut v = key.take();
+    let r = f(&mut v);
+    key.set(v);
+    r
 }
 
 #[cfg(test)]

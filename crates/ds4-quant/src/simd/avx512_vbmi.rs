@@ -188,13 +188,12 @@ fn with_prepared<R>(
     prepare: super::PrepareQ8K,
     f: impl FnOnce(&[BlockQ8KPrep]) -> R,
 ) -> R {
-    let mut buf = PREP.take();
-    buf.clear();
-    buf.resize(x.len(), BlockQ8KPrep::zeroed());
-    prepare(x, &mut buf);
-    let r = f(&buf);
-    PREP.set(buf);
-    r
+    ds4_tensor::alloc::with_thread_local(&PREP, |buf| {
+        buf.clear();
+        buf.resize(x.len(), BlockQ8KPrep::zeroed());
+        prepare(x, buf);
+        f(buf)
+    })
 }
 
 /// Loads 64 bytes at `p[at..at + 64]`.
