@@ -10,6 +10,7 @@
 //! every dot product in the same order whatever the batch, decode, one-shot prefill and any
 //! chunking give bit-identical logits.
 
+use ds4_tensor::alloc::with_thread_local;
 use ds4_tensor::backend::{Backend, HcParams};
 use rayon::prelude::*;
 
@@ -21,6 +22,12 @@ use crate::weights::{CompressorWeights, LayerWeights, Weights};
 
 /// Host-side per-token work (routing) of a chunk at least this long runs on the rayon pool.
 const PAR_MIN_TOKENS: usize = 32;
+
+thread_local! {
+    /// One query's indexer scores over the visible compressed rows, reused per thread (at a
+    /// long context a fresh vector per query and layer was a multi-megabyte allocation).
+    static INDEXER_SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// Everything the forward pass reads besides the state: shape, weights, RoPE tables, options.
 #[derive(Debug)]
@@ -439,14 +446,13 @@ impl Graph<'_> {
                         Some((_, qi, wi)) if n_vis > cfg.indexer_top_k => {
                             let qt = &qi[t * hi * di..(t + 1) * hi * di];
                             let wt = &wi[t * hi..(t + 1) * hi];
-                            let mut scores = vec![0.0f32; n_vis];
-                            self.be.indexer_scores(
-                                qt,
-                                wt,
-                                &ls.index_rows[..n_vis * di],
-                                &mut scores,
-                            );
-                            let mut sel = numerics::top_k(&scores, cfg.indexer_top_k);
+                            let index_rows = &ls.index_rows[..n_vis * di];
+                            let mut sel = with_thread_local(&INDEXER_SCORES, |scores| {
+                                scores.clear();
+                                scores.resize(n_vis, 0.0);
+                                self.be.indexer_scores(qt, wt, index_rows, scores);
+                                numerics::top_k(scores, cfg.indexer_top_k)
+                            });
                             sel.sort_unstable();
                             rows.extend(sel.into_iter().map(comp_row));
                         }
