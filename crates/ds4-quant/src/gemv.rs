@@ -68,6 +68,13 @@ struct Scratch {
     q8k: Vec<BlockQ8K>,
     /// Activations quantized by [`Gemv::matmul`].
     q8_0: Vec<BlockQ8_0>,
+    /// What [`Gemv::run`] itself needs.
+    run: RunScratch,
+}
+
+/// Scratch of [`Gemv::run`], whatever the activations came as.
+#[derive(Default)]
+struct RunScratch {
     /// Q8_0 token groups packed for a `q8_0_q8_0_g` kernel: (quants, scales) per group.
     groups: Vec<(Vec<u8>, Vec<f32>)>,
     /// Q8_K activations prepared for a table's [`simd::Prepared`] kernels.
@@ -319,16 +326,7 @@ impl Gemv {
                 }
                 _ => Act::F32(xs),
             };
-            self.run(
-                dtype,
-                w,
-                n_rows,
-                n_cols,
-                act,
-                ys,
-                &mut s.groups,
-                &mut s.prep,
-            )
+            self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.run)
         })
     }
 
@@ -344,16 +342,7 @@ impl Gemv {
     ) -> Result<()> {
         with_scratch(|s| {
             let act = Act::Q8K(xq);
-            self.run(
-                dtype,
-                w,
-                n_rows,
-                n_cols,
-                act,
-                ys,
-                &mut s.groups,
-                &mut s.prep,
-            )
+            self.run(dtype, w, n_rows, n_cols, act, ys, &mut s.run)
         })
     }
 
@@ -368,21 +357,12 @@ impl Gemv {
     ) -> Result<()> {
         with_scratch(|s| {
             let act = Act::Q8_0(xq);
-            self.run(
-                DType::Q8_0,
-                w,
-                n_rows,
-                n_cols,
-                act,
-                ys,
-                &mut s.groups,
-                &mut s.prep,
-            )
+            self.run(DType::Q8_0, w, n_rows, n_cols, act, ys, &mut s.run)
         })
     }
 
-    /// Validates every length, then dispatches on the weight type once per call (`groups`:
-    /// scratch for packed Q8_0 token groups, `prep`: for prepared Q8_K activations).
+    /// Validates every length, then dispatches on the weight type once per call (`bufs`:
+    /// scratch for packed Q8_0 token groups and prepared Q8_K activations).
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -392,9 +372,9 @@ impl Gemv {
         n_cols: usize,
         act: Act<'_>,
         ys: &mut [f32],
-        groups: &mut Vec<(Vec<u8>, Vec<f32>)>,
-        prep: &mut Vec<BlockQ8KPrep>,
+        bufs: &mut RunScratch,
     ) -> Result<()> {
+        let RunScratch { groups, prep } = bufs;
         check_cols(dtype, n_cols)?;
         let (act_dtype, op) = match act {
             Act::F32(_) => (DType::F32, "matmul with f32 activations"),
@@ -627,15 +607,7 @@ impl Mat<'_> {
                     *y = kernel(&row, x);
                 }
             };
-            if self.w.len() <= SERIAL_BYTES || !pool_parallel() {
-                // Too small to pay for the pool: every row on this thread, same kernel calls.
-                rows(0, ys);
-                return;
-            }
-            let chunk_rows = self.task_rows();
-            ys.par_chunks_mut(chunk_rows)
-                .enumerate()
-                .for_each(|(c, out)| rows(c * chunk_rows, out));
+            self.split_rows(ys, rows);
         } else {
             let gs = group_size(per_tok * size_of::<A>());
             self.apply_groups::<B>(n_tok, gs, ys, |row, t0, tn, out| {
@@ -683,6 +655,13 @@ impl Mat<'_> {
             let w = cast_row::<B>(&self.w[start..start + out.len() * self.row_bytes]);
             kernel(&w, x, out);
         };
+        self.split_rows(ys, rows);
+    }
+
+    /// The one-token split of the rows: `rows(first, out)` must write the outputs of rows
+    /// `first..first + out.len()`; called once for all rows on this thread when the matrix
+    /// is too small to pay for the pool, else once per task of [`Mat::task_rows`] rows.
+    fn split_rows(&self, ys: &mut [f32], rows: impl Fn(usize, &mut [f32]) + Sync) {
         if self.w.len() <= SERIAL_BYTES || !pool_parallel() {
             rows(0, ys);
             return;
